@@ -1,0 +1,34 @@
+# neox-sophia developer commands. Everything runs inside $(VENV), created on first use.
+#   make install   venv + CPU torch (unless a torch is already importable) + the package
+#   make test      the whole test suite (CPU; GPU tests skip themselves)
+#   make train     the quick-start training run (arrives with the training issue)
+#   make bench     the optimizer micro-benchmark
+PYTHON ?= python3
+VENV ?= .venv
+# The CPU wheel. Where a torch is already importable in $(VENV) (a GPU cluster), it is kept.
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.neox-sophia-installed
+
+.PHONY: install test train bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+test: install
+	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
+
+train: install
+	@echo "make train: the training loop arrives with issue 4 (neox-sophia train); nothing to run yet."
+
+bench: install
+	$(BIN)/python tools/bench_optimizer.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

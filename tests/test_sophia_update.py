@@ -1,0 +1,344 @@
+"""Sophia's update against the paper's rule written out here, and its invariances."""
+import io
+import math
+
+import pytest
+import torch
+
+from neox_sophia.optim import Sophia, SophiaStatistics
+from neox_sophia.optim import kernels
+
+SHAPES = [(7, 5), (13,), (3, 4, 6), (300,)]
+
+
+def make_params(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(s, generator=g)) for s in SHAPES]
+
+
+def gradient_stream(steps, seed=1):
+    """Deterministic gradients with coordinates on very different scales (some clip, some not)."""
+    g = torch.Generator().manual_seed(seed)
+    scales = [torch.rand(s, generator=g) * 3 - 2 for s in SHAPES]  # log10 scale in [-2, 1)
+    for _ in range(steps):
+        yield ([torch.randn(s, generator=g) * 10 ** sc for s, sc in zip(SHAPES, scales)],
+               [torch.randn(s, generator=g) * 10 ** sc for s, sc in zip(SHAPES, scales)])
+
+
+GROUPS = [  # two groups: with and without weight decay, different rho and bs
+    dict(idx=[0, 1], lr=3e-2, weight_decay=0.2, rho=0.05, bs=64, betas=(0.965, 0.99)),
+    dict(idx=[2, 3], lr=1e-2, weight_decay=0.0, rho=0.02, bs=32, betas=(0.9, 0.95)),
+]
+EPS = 1e-15
+
+
+def sophia_groups(params):
+    return [dict(params=[params[i] for i in g["idx"]], **{k: v for k, v in g.items() if k != "idx"})
+            for g in GROUPS]
+
+
+class PaperSophia:
+    """The update rule exactly as written in the paper / DESIGN.md, coordinate by coordinate."""
+
+    def __init__(self, params):
+        self.p = [p.detach().clone() for p in params]
+        self.m = [torch.zeros_like(p) for p in self.p]
+        self.h = [torch.zeros_like(p) for p in self.p]
+        self.hyper = {i: g for g in GROUPS for i in g["idx"]}
+
+    def step(self, grads):
+        for i, grad in enumerate(grads):
+            c = self.hyper[i]
+            b1 = c["betas"][0]
+            self.p[i] = self.p[i] * (1 - c["lr"] * c["weight_decay"])
+            self.m[i] = b1 * self.m[i] + (1 - b1) * grad
+            ratio = torch.clamp(self.m[i].abs() / (c["rho"] * c["bs"] * self.h[i] + EPS), max=1)
+            self.p[i] = self.p[i] - c["lr"] * torch.sign(self.m[i]) * ratio
+
+    def update_hessian(self, grads):
+        for i, grad in enumerate(grads):
+            b2 = self.hyper[i]["betas"][1]
+            self.h[i] = b2 * self.h[i] + (1 - b2) * grad * grad
+
+
+def drive(opt, params, steps, k=3, on_step=None):
+    """Official order: update every step; Hessian pass after the update when it % k == k-1."""
+    for it, (grads, hess_grads) in enumerate(gradient_stream(steps)):
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt.step()
+        if it % k == k - 1:
+            for p, g in zip(params, hess_grads):
+                p.grad = g.clone()
+            opt.update_hessian()
+        if on_step:
+            on_step(it)
+
+
+def assert_close_to_scale(actual, expected, rel=1e-5):
+    """fp32 agreement up to rounding: the optimizer computes m with lerp, the rule with
+    b1*m + (1-b1)*g, which differ by ~1 ulp of the larger term; where the two terms cancel
+    that is a large *relative* error of a tiny m, so the bound is relative to the tensor's scale."""
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(actual, expected, rtol=rel, atol=rel * scale)
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+def test_matches_paper_rule_over_many_steps(foreach):
+    params = make_params()
+    ref = PaperSophia(params)
+    opt = Sophia(sophia_groups(params), eps=EPS, foreach=foreach)
+    clip_fracs = []
+
+    def check(it):
+        grads, hess_grads = all_grads[it]
+        ref.step(grads)
+        if it % 3 == 2:
+            ref.update_hessian(hess_grads)
+        for i, p in enumerate(params):
+            st = opt.state[p]
+            assert_close_to_scale(st["exp_avg"], ref.m[i])
+            assert_close_to_scale(st["hessian"], ref.h[i])
+            assert_close_to_scale(p.detach(), ref.p[i])
+        clip_fracs.append(opt.statistics().clip_frac)
+
+    all_grads = list(gradient_stream(60))
+    drive(opt, params, 60, on_step=check)
+    assert opt.state[params[0]]["step"].item() == 60
+    # The test exercised both regimes: clipped and Hessian-preconditioned coordinates.
+    assert clip_fracs[0] == 1.0  # h = 0 before the first Hessian pass: every coordinate clips
+    assert 0.05 < min(clip_fracs[5:]) and max(clip_fracs[5:]) < 0.95
+
+
+def test_hessian_is_used_not_sign_momentum():
+    """Regression: a port that never refreshed h silently became sign momentum."""
+    p = torch.nn.Parameter(torch.zeros(4))
+    opt = Sophia([p], lr=1.0, rho=1.0, bs=1.0, weight_decay=0.0, betas=(0.0, 0.0))
+    p.grad = torch.tensor([0.5, -0.5, 2.0, -3.0])
+    opt.update_hessian()  # h = g*g = [0.25, 0.25, 4, 9]
+    p.grad = torch.tensor([0.1, -0.1, 1.0, -3.0])
+    opt.step()  # m = g; step = m / max(h, |m|)
+    torch.testing.assert_close(p.detach(), -torch.tensor([0.4, -0.4, 0.25, -1.0 / 3.0]))
+
+
+def test_foreach_single_tensor_and_chunked_waves_are_identical(monkeypatch):
+    results = []
+    for foreach, wave in [(False, None), (True, None), (True, 17)]:
+        if wave:
+            monkeypatch.setattr(kernels, "CPU_WAVE_NUMEL", wave)
+        params = make_params()
+        opt = Sophia(sophia_groups(params), foreach=foreach)
+        drive(opt, params, 25)
+        results.append([t for p in params for t in (p.detach(), opt.state[p]["exp_avg"],
+                                                    opt.state[p]["hessian"])])
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+
+
+def test_flattened_params_give_identical_results():
+    """ZeRO hands the optimizer one flat fp32 partition per group: same numbers, other layout."""
+    params = make_params()
+    flat = [torch.nn.Parameter(torch.cat([params[i].detach().reshape(-1) for i in g["idx"]]))
+            for g in GROUPS]
+    opt = Sophia(sophia_groups(params))
+    opt_flat = Sophia([dict(params=[f], **{k: v for k, v in g.items() if k != "idx"})
+                       for f, g in zip(flat, GROUPS)])
+    for it, (grads, hess_grads) in enumerate(gradient_stream(25)):
+        for which in ("step", "hessian"):
+            gs = grads if which == "step" else hess_grads
+            if which == "hessian" and it % 3 != 2:
+                continue
+            for p, g in zip(params, gs):
+                p.grad = g
+            for f, g in zip(flat, GROUPS):
+                f.grad = torch.cat([gs[i].reshape(-1) for i in g["idx"]])
+            for o in (opt, opt_flat):
+                o.step() if which == "step" else o.update_hessian()
+    for f, g in zip(flat, GROUPS):
+        for key in ("exp_avg", "hessian"):
+            joined = torch.cat([opt.state[params[i]][key].reshape(-1) for i in g["idx"]])
+            assert torch.equal(joined, opt_flat.state[f][key])
+        assert torch.equal(torch.cat([params[i].detach().reshape(-1) for i in g["idx"]]), f.detach())
+
+
+def test_state_dict_round_trip_continues_identically():
+    params_a = make_params()
+    opt_a = Sophia(sophia_groups(params_a))
+    stream = list(gradient_stream(30))
+
+    def run(opt, params, its):
+        for it in its:
+            grads, hess_grads = stream[it]
+            for p, g in zip(params, grads):
+                p.grad = g
+            opt.step()
+            if it % 3 == 2:
+                for p, g in zip(params, hess_grads):
+                    p.grad = g
+                opt.update_hessian()
+
+    run(opt_a, params_a, range(14))
+    buf = io.BytesIO()
+    torch.save(opt_a.state_dict(), buf)
+    params_b = [torch.nn.Parameter(p.detach().clone()) for p in params_a]
+    opt_b = Sophia(sophia_groups(params_b))
+    buf.seek(0)
+    opt_b.load_state_dict(torch.load(buf, weights_only=True))
+    run(opt_a, params_a, range(14, 30))
+    run(opt_b, params_b, range(14, 30))
+    for pa, pb in zip(params_a, params_b):
+        assert torch.equal(pa, pb)
+        for key in ("step", "exp_avg", "hessian"):
+            assert torch.equal(opt_a.state[pa][key], opt_b.state[pb][key])
+
+
+def test_hessian_mode_changes_only_the_hessian():
+    params = make_params()
+    opt = Sophia(sophia_groups(params))
+    drive(opt, params, 4)
+    before = {id(p): (p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()})
+              for p in params}
+    for p in params:
+        p.grad = torch.randn_like(p)
+    with opt.hessian_mode():
+        assert opt.in_hessian_mode
+        opt.step()
+    assert not opt.in_hessian_mode
+    for p in params:
+        old_p, old_state = before[id(p)]
+        assert torch.equal(p.detach(), old_p)  # no update, no weight decay
+        assert torch.equal(opt.state[p]["exp_avg"], old_state["exp_avg"])
+        assert torch.equal(opt.state[p]["step"], old_state["step"])
+        b2 = opt.param_groups[0 if p is params[0] or p is params[1] else 1]["betas"][1]
+        torch.testing.assert_close(opt.state[p]["hessian"],
+                                   b2 * old_state["hessian"] + (1 - b2) * p.grad * p.grad)
+
+
+@pytest.mark.parametrize("first", ["step", "update_hessian"])
+def test_every_state_key_exists_after_the_first_call(first):
+    params = make_params()
+    opt = Sophia(sophia_groups(params))
+    for p in params:
+        p.grad = torch.randn_like(p)
+    getattr(opt, first)()
+    for p in params:
+        assert set(opt.state[p]) == {"step", "exp_avg", "hessian", "hessian_rejected"}
+
+
+def test_step_with_only_some_param_groups_present():
+    """ZeRO swaps param_groups to one group at a time around each step() call."""
+    params = make_params()
+    opt = Sophia(sophia_groups(params))
+    for p in params:
+        p.grad = torch.randn_like(p)
+    before = [p.detach().clone() for p in params]
+    original = opt.param_groups
+    opt.param_groups = [original[1]]
+    opt.step()
+    opt.param_groups = original
+    assert torch.equal(params[0], before[0]) and torch.equal(params[1], before[1])
+    assert not torch.equal(params[2], before[2]) and not torch.equal(params[3], before[3])
+    assert params[0] not in opt.state
+
+
+def test_maximize_equals_minimizing_the_negated_gradient():
+    a, b = make_params(), make_params()
+    opt_a = Sophia(sophia_groups(a), maximize=True)
+    opt_b = Sophia(sophia_groups(b))
+    for grads, hess in gradient_stream(10):
+        for p, q, g in zip(a, b, grads):
+            p.grad, q.grad = g, -g
+        opt_a.step()
+        opt_b.step()
+        for p, q, g in zip(a, b, hess):
+            p.grad, q.grad = g, g
+        opt_a.update_hessian()
+        opt_b.update_hessian()
+    assert all(torch.equal(p, q) for p, q in zip(a, b))
+
+
+@pytest.mark.parametrize("name,value", [
+    ("lr", -1e-3), ("lr", float("nan")), ("betas", (1.0, 0.99)), ("betas", (0.9, -0.1)),
+    ("betas", (0.9,)), ("rho", 0.0), ("rho", -0.1), ("eps", 0.0), ("bs", 0),
+    ("weight_decay", -0.1), ("weight_decay", float("inf")),
+])
+def test_bad_hyperparameters_name_the_parameter(name, value):
+    with pytest.raises(ValueError, match=rf"invalid {name}"):
+        Sophia(make_params(), **{name: value})
+    opt = Sophia(make_params()[:1])
+    with pytest.raises(ValueError, match=rf"invalid {name}"):
+        opt.add_param_group({"params": make_params()[1:2], name: value})
+
+
+def test_sparse_gradients_are_refused_clearly():
+    emb = torch.nn.Embedding(10, 3, sparse=True)
+    opt = Sophia(emb.parameters())
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(RuntimeError, match="sparse gradients"):
+        opt.step()
+
+
+def test_non_finite_hessian_estimates_never_enter_the_ema():
+    p = torch.nn.Parameter(torch.zeros(6))
+    opt = Sophia([p], betas=(0.9, 0.5))
+    p.grad = torch.ones(6)
+    opt.update_hessian()  # h = 0.5
+    p.grad = torch.tensor([2.0, float("nan"), float("inf"), -float("inf"), 1e20, 1.0])
+    opt.update_hessian()  # 1e20**2 overflows fp32: also rejected
+    torch.testing.assert_close(opt.state[p]["hessian"],
+                               torch.tensor([2.25, 0.5, 0.5, 0.5, 0.5, 0.75]))
+    assert opt.statistics().hessian_rejected == 4
+    # Sophia-H estimates go through the same guard.
+    opt.update_hessian([torch.tensor([float("nan"), 1, 1, 1, 1, 1.0])])
+    assert opt.statistics().hessian_rejected == 5
+    assert torch.isfinite(opt.state[p]["hessian"]).all()
+
+
+def test_hutchinson_estimates_are_used_as_given_and_validated():
+    params = make_params()
+    opt = Sophia(sophia_groups(params))
+    estimates = [torch.full_like(p, -2.0) for p in params]  # u*Hu may be negative
+    estimates[1] = None
+    opt.update_hessian(estimates)
+    assert torch.equal(opt.state[params[0]]["hessian"], torch.full_like(params[0], -2.0 * 0.01))
+    assert params[1] not in opt.state
+    # A negative h floors the denominator at eps (the paper's max{rho*h, eps}): a full sign step.
+    for p in params:
+        p.grad = torch.full_like(p, 1e-3)
+    before = params[0].detach().clone()
+    opt.step()
+    lr, wd = GROUPS[0]["lr"], GROUPS[0]["weight_decay"]
+    torch.testing.assert_close(params[0].detach(), before * (1 - lr * wd) - lr)
+    with pytest.raises(ValueError, match="one tensor"):
+        opt.update_hessian([torch.zeros(1)])
+    with pytest.raises(ValueError, match="shape"):
+        opt.update_hessian([torch.zeros(2)] * len(params))
+
+
+def test_statistics_are_sum_reducible_and_match_definition():
+    params = make_params()
+    opt = Sophia(sophia_groups(params))
+    drive(opt, params, 12)
+    unclipped = numel = 0
+    h_all = []
+    for g in GROUPS:
+        for i in g["idx"]:
+            st = opt.state[params[i]]
+            unclipped += (st["exp_avg"].abs() < g["rho"] * g["bs"] * st["hessian"]).sum().item()
+            numel += params[i].numel()
+            h_all.append(st["hessian"].reshape(-1).double())
+    stats = opt.statistics()
+    h = torch.cat(h_all)
+    assert stats.numel == numel
+    assert math.isclose(stats.win_rate, unclipped / numel)
+    assert math.isclose(stats.clip_frac + stats.win_rate, 1.0)
+    assert math.isclose(stats.hessian_mean, h.mean().item(), rel_tol=1e-9)
+    assert math.isclose(stats.hessian_rms, h.square().mean().sqrt().item(), rel_tol=1e-9)
+    # Two "ranks" holding half the groups each: summing their sums gives the whole.
+    groups = opt.param_groups
+    opt.param_groups = groups[:1]
+    first = opt.statistics_sums()
+    opt.param_groups = groups[1:]
+    second = opt.statistics_sums()
+    opt.param_groups = groups
+    assert SophiaStatistics.from_sums(first + second) == stats
