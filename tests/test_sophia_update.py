@@ -342,3 +342,16 @@ def test_statistics_are_sum_reducible_and_match_definition():
     second = opt.statistics_sums()
     opt.param_groups = groups
     assert SophiaStatistics.from_sums(first + second) == stats
+
+
+def test_bf16_parameters_keep_an_exact_rejected_count_across_load():
+    p = torch.nn.Parameter(torch.zeros(300, dtype=torch.bfloat16))
+    opt = Sophia([p])
+    p.grad = torch.full_like(p, float("nan"))
+    opt.update_hessian()  # 300 rejected: not representable exactly in bf16 (256 + 44)
+    q = torch.nn.Parameter(torch.zeros(300, dtype=torch.bfloat16))
+    other = Sophia([q])
+    other.load_state_dict(opt.state_dict())
+    assert other.state[q]["hessian_rejected"].dtype == torch.float32
+    assert other.statistics().hessian_rejected == 300
+    assert other.state[q]["hessian"].dtype == torch.bfloat16

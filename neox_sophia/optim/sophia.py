@@ -118,6 +118,22 @@ class Sophia(torch.optim.Optimizer):
         super().add_param_group(param_group)
         validate_hyperparameters(self.param_groups[-1])
 
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("_hessian_mode", False)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        # torch casts every state tensor but `step` to the parameter's dtype; a count of
+        # rejected coordinates must stay an exact fp32 count even for bf16 parameters.
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        counters = {p: state_dict["state"][i]["hessian_rejected"]
+                    for i, p in zip(saved_ids, params)
+                    if "hessian_rejected" in state_dict["state"].get(i, {})}
+        super().load_state_dict(state_dict)
+        for p, count in counters.items():
+            self.state[p]["hessian_rejected"] = count.to(device=p.device, dtype=torch.float32)
+
     # ----------------------------------------------------------------------------- state
     def _state_for(self, p: Tensor) -> dict:
         state = self.state[p]
