@@ -42,8 +42,7 @@ def _is_finite_number(x) -> bool:
 def validate_hyperparameters(group: dict) -> None:
     """Raise ValueError naming the first bad hyperparameter of a param group."""
     lr, rho, bs, eps, wd = (group[k] for k in ("lr", "rho", "bs", "eps", "weight_decay"))
-    if not isinstance(lr, Tensor):
-        _check("lr", lr, _is_finite_number(lr) and lr >= 0, "lr must be a finite number >= 0")
+    _check("lr", lr, _is_finite_number(lr) and lr >= 0, "lr must be a finite number >= 0")
     betas = group["betas"]
     _check("betas", betas, isinstance(betas, (tuple, list)) and len(betas) == 2,
            "betas must be a pair (beta1, beta2)")
@@ -200,7 +199,7 @@ class Sophia(torch.optim.Optimizer):
         for group in self.param_groups:
             params = self._params_with_grad(group)
             beta1 = group["betas"][0]
-            lr = float(group["lr"])
+            lr = group["lr"]
             for (device, _), ps in self._by_device_and_dtype(params).items():
                 states = [self._state_for(p) for p in ps]
                 torch._foreach_add_([s["step"] for s in states], 1.0)
