@@ -111,9 +111,14 @@ def hessian_ema(hessians: List[Tensor], estimates: List[Tensor], rejected: List[
     """h <- b2*h + (1-b2)*e, with e = g*g (``square``, GNB) or e as given (Hutchinson's u*Hu).
 
     A coordinate whose new value is not finite keeps its old h, and the count of such
-    coordinates accumulates in ``rejected`` (one scalar tensor per hessian tensor, on its
-    device, so no host sync). The guard is per coordinate, like everything here, so it means
-    the same at any sharding; a whole-step skip would depend on how the model is sharded.
+    coordinates accumulates in ``rejected`` (one scalar tensor per hessian tensor). The guard is
+    per coordinate, like everything here, so it means the same at any sharding; a whole-step
+    skip would depend on how the model is sharded.
+
+    Non-finite estimates are rare, so each wave is checked with one reduction (a chunk's L1 norm
+    is finite if all its coordinates are; a finite chunk whose norm overflows only takes the
+    exact path below) and only chunks that fail it pay for the per-coordinate repair. That check reads one flag per wave on the host: this runs every k
+    steps, not in step().
     """
     if not hessians:
         return
@@ -124,7 +129,12 @@ def hessian_ema(hessians: List[Tensor], estimates: List[Tensor], rejected: List[
             torch._foreach_addcmul_(updated, es, es, value=1.0 - beta2)
         else:
             torch._foreach_add_(updated, es, alpha=1.0 - beta2)
-        for owner, hessian, new in zip(owners, hs, updated):
-            finite = torch.isfinite(new)
-            torch.where(finite, new, hessian, out=hessian)
-            rejected[owner].add_(finite.numel() - finite.sum())
+        finite = torch.stack(torch._foreach_norm(updated, ord=1)).isfinite().tolist()
+        if any(finite):
+            torch._foreach_copy_([h for h, ok in zip(hs, finite) if ok],
+                                 [n for n, ok in zip(updated, finite) if ok])
+        for owner, hessian, new, ok in zip(owners, hs, updated, finite):
+            if not ok:
+                keep = torch.isfinite(new)
+                torch.where(keep, new, hessian, out=hessian)
+                rejected[owner].add_(keep.logical_not_().sum())
