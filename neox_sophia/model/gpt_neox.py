@@ -1,0 +1,82 @@
+"""The GPT-NeoX model: one list of blocks, run as a plain module (pipe_parallel_size 0).
+
+    blocks = [Embedding, TransformerLayer x num_layers, FinalNorm, OutputLayer]
+
+The pipeline issue wraps the same blocks as DeepSpeed LayerSpecs, so both paths share one
+definition of the model.
+"""
+from __future__ import annotations
+
+from typing import List
+
+import torch
+from torch import nn
+
+from neox_sophia.config.model import ModelConfig
+from neox_sophia.model.layers import (Embedding, FinalNorm, OutputLayer, TransformerLayer,
+                                      initialize_block, mark_tensor_parallel, megatron_config,
+                                      tied_output)
+from neox_sophia.parallel.topology import Grid, gather_tensor_parallel
+
+
+def build_blocks(cfg: ModelConfig, padded_vocab_size: int, tp_size: int,
+                 dtype: torch.dtype = torch.float32) -> List[nn.Module]:
+    cfg.validate()
+    if padded_vocab_size % tp_size:
+        raise ValueError(f"padded vocab size {padded_vocab_size} is not divisible by "
+                         f"model_parallel_size {tp_size}")
+    mp = megatron_config(tp_size, dtype)
+    blocks: List[nn.Module] = [Embedding(cfg, mp, padded_vocab_size)]
+    blocks += [TransformerLayer(cfg, mp, tp_size, i) for i in range(cfg.num_layers)]
+    blocks.append(FinalNorm(cfg))
+    if cfg.no_weight_tying:
+        blocks.append(OutputLayer(cfg, mp, padded_vocab_size))
+    for block in blocks:
+        mark_tensor_parallel(block)
+    return blocks
+
+
+class GPTNeoX(nn.Module):
+    """tokens [b, s] -> this rank's vocab shard of the logits [b, s, padded_vocab / tp]."""
+
+    def __init__(self, cfg: ModelConfig, padded_vocab_size: int, grid: Grid, seed: int,
+                 dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.config = cfg
+        self.padded_vocab_size = padded_vocab_size
+        blocks = build_blocks(cfg, padded_vocab_size, grid.tp_size, dtype)
+        self.embedding = blocks[0]
+        self.layers = nn.ModuleList(blocks[1:1 + cfg.num_layers])
+        self.final_norm = blocks[1 + cfg.num_layers]
+        self.output = blocks[2 + cfg.num_layers] if cfg.no_weight_tying else None
+        for block in blocks:
+            initialize_block(block, cfg, seed, grid.tp_rank, grid.tp_size)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.embedding(tokens)
+        for layer in self.layers:
+            x = layer(x)
+        x = self.final_norm(x)
+        return self.output(x) if self.output is not None else tied_output(x, self.embedding)
+
+    @torch.no_grad()
+    def full_logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits over the whole padded vocabulary on every TP rank (for tests and inference)."""
+        return gather_tensor_parallel(self(tokens), dim=-1)
+
+    def global_named_parameters(self):
+        """(global name, parameter): names as in Hugging Face's GPTNeoX, without 'gpt_neox.'."""
+        for block in [self.embedding, *self.layers, self.final_norm] + ([self.output] if self.output else []):
+            for local, param in block.named_parameters():
+                yield block.param_prefix + local, param
+
+    @torch.no_grad()
+    def full_state_dict(self) -> dict:
+        """Every parameter at full size (TP shards concatenated along their partition dim)."""
+        out = {}
+        for name, param in self.global_named_parameters():
+            if getattr(param, "tensor_model_parallel", False):
+                out[name] = gather_tensor_parallel(param.detach(), dim=param.partition_dim)
+            else:
+                out[name] = param.detach().clone()
+        return out

@@ -1,0 +1,92 @@
+"""The one place that sets up processes and the TP x PP x DP grid.
+
+torch.distributed is initialized from the launcher's environment (RANK, WORLD_SIZE,
+MASTER_ADDR, MASTER_PORT: deepspeed, torchrun; mpirun and srun arrive with the launch issue),
+or as a single process when none is set. megatron-core's parallel_state is initialized with the
+same TP and PP sizes as DeepSpeed's PipeModelDataParallelTopology; both order ranks TP
+innermost, then DP, then PP, so their groups agree.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+def default_backend() -> str:
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def init_distributed(backend: str | None = None) -> None:
+    """Initialize the default process group from the environment, or as one process.
+
+    megatron-core's layers need a process group even at world size 1, so a single process
+    gets an in-memory one.
+    """
+    if dist.is_initialized():
+        return
+    backend = backend or default_backend()
+    if "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ:
+        dist.init_process_group(backend=backend)
+    else:
+        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
+
+
+@dataclass(frozen=True)
+class Grid:
+    """This rank's coordinates in the TP x PP x DP grid."""
+
+    tp_size: int
+    pp_size: int
+    dp_size: int
+    tp_rank: int
+    pp_rank: int
+    dp_rank: int
+
+
+def initialize_model_parallel(tp_size: int, pp_size: int) -> Grid:
+    """Initialize megatron-core's parallel_state for a TP x PP grid (DP = the rest)."""
+    from megatron.core import parallel_state as ps
+
+    init_distributed()
+    world = dist.get_world_size()
+    if world % (tp_size * pp_size):
+        raise ValueError(f"world size {world} is not divisible by model_parallel_size x "
+                         f"pipe stages = {tp_size} x {pp_size}")
+    if ps.model_parallel_is_initialized():
+        if (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()) \
+                != (tp_size, pp_size):
+            ps.destroy_model_parallel()
+    if not ps.model_parallel_is_initialized():
+        ps.initialize_model_parallel(tensor_model_parallel_size=tp_size,
+                                     pipeline_model_parallel_size=pp_size)
+    return current_grid()
+
+
+def current_grid() -> Grid:
+    from megatron.core import parallel_state as ps
+
+    return Grid(tp_size=ps.get_tensor_model_parallel_world_size(),
+                pp_size=ps.get_pipeline_model_parallel_world_size(),
+                dp_size=ps.get_data_parallel_world_size(),
+                tp_rank=ps.get_tensor_model_parallel_rank(),
+                pp_rank=ps.get_pipeline_model_parallel_rank(),
+                dp_rank=ps.get_data_parallel_rank())
+
+
+def gather_tensor_parallel(tensor: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Concatenate a tensor's TP shards along ``dim`` (no autograd).
+
+    megatron-core's own gather allocates on the current CUDA device; this works on any device.
+    """
+    from megatron.core import parallel_state as ps
+
+    group = ps.get_tensor_model_parallel_group()
+    size = dist.get_world_size(group)
+    if size == 1:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(size)]
+    dist.all_gather(parts, tensor.contiguous(), group=group)
+    return torch.cat(parts, dim=dim)
