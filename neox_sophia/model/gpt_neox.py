@@ -65,18 +65,34 @@ class GPTNeoX(nn.Module):
         return gather_tensor_parallel(self(tokens), dim=-1)
 
     def global_named_parameters(self):
-        """(global name, parameter): names as in Hugging Face's GPTNeoX, without 'gpt_neox.'."""
-        for block in [self.embedding, *self.layers, self.final_norm] + ([self.output] if self.output else []):
-            for local, param in block.named_parameters():
-                yield block.param_prefix + local, param
+        return global_named_parameters(self)
 
-    @torch.no_grad()
     def full_state_dict(self) -> dict:
-        """Every parameter at full size (TP shards concatenated along their partition dim)."""
-        out = {}
-        for name, param in self.global_named_parameters():
-            if getattr(param, "tensor_model_parallel", False):
-                out[name] = gather_tensor_parallel(param.detach(), dim=param.partition_dim)
-            else:
-                out[name] = param.detach().clone()
-        return out
+        return full_state_dict(self)
+
+
+def global_named_parameters(module: nn.Module):
+    """(global name, parameter) of every block inside ``module`` (a GPTNeoX, a pipeline stage).
+
+    Names are Hugging Face GPTNeoX's without the 'gpt_neox.' prefix; a tied embedding held by
+    two blocks is listed once.
+    """
+    seen = set()
+    for block in module.modules():
+        if hasattr(block, "param_prefix"):
+            for local, param in block.named_parameters():
+                if id(param) not in seen:
+                    seen.add(id(param))
+                    yield block.param_prefix + local, param
+
+
+@torch.no_grad()
+def full_state_dict(module: nn.Module) -> dict:
+    """Every parameter of ``module``'s blocks at full size (TP shards concatenated)."""
+    out = {}
+    for name, param in global_named_parameters(module):
+        if getattr(param, "tensor_model_parallel", False):
+            out[name] = gather_tensor_parallel(param.detach(), dim=param.partition_dim)
+        else:
+            out[name] = param.detach().clone()
+    return out

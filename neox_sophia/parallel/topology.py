@@ -20,18 +20,21 @@ def default_backend() -> str:
 
 
 def init_distributed(backend: str | None = None) -> None:
-    """Initialize the default process group from the environment, or as one process.
+    """Initialize the default process group from the environment, or as one process, and
+    DeepSpeed's comm layer on top of it (its PipelineModule and engines use that).
 
     megatron-core's layers need a process group even at world size 1, so a single process
     gets an in-memory one.
     """
-    if dist.is_initialized():
-        return
+    import deepspeed
+
     backend = backend or default_backend()
-    if "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ:
-        dist.init_process_group(backend=backend)
-    else:
-        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
+    if not dist.is_initialized():
+        if "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ:
+            dist.init_process_group(backend=backend)
+        else:
+            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
+    deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
 
 
 @dataclass(frozen=True)
