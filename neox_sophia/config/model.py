@@ -5,12 +5,10 @@ cannot honour raise ConfigError naming the key and what to set instead.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Optional
 
-
-class ConfigError(ValueError):
-    """A bad configuration value: the message names the key (and the file, when known)."""
+from neox_sophia.config.base import ConfigError
 
 
 @dataclass
@@ -62,6 +60,9 @@ class ModelConfig:
     """NeoX: use the tanh approximation of GELU (Pythia was trained with it)."""
     use_bias_in_attn_linear: bool = True
     """Bias on the QKV and attention output projections."""
+    attention_config: Optional[list] = None
+    """NeoX per-layer attention types, e.g. [[["flash"], 12]] or [[["global"], "all"]]. Only
+    "global" and "flash" (the same causal softmax attention; torch SDPA picks the kernel) exist."""
     checkpoint_activations: bool = False
     """Recompute each layer's activations in backward (saves memory, costs ~1/3 more compute)."""
 
@@ -91,11 +92,36 @@ class ModelConfig:
         for key, (bad, why) in unsupported.items():
             if bad:
                 raise ConfigError(f"{key}: {why}")
+        self._validate_attention_config()
+        from neox_sophia.model.init import INIT_STDS  # the registry of init methods
+
+        for key in ("init_method", "output_layer_init_method"):
+            if getattr(self, key) not in INIT_STDS:
+                raise ConfigError(f"{key}: '{getattr(self, key)}' is not implemented; choose one of "
+                                  f"{sorted(INIT_STDS)}")
         if not 0.0 <= self.rotary_pct <= 1.0:
             raise ConfigError(f"rotary_pct: must be in [0, 1] (got {self.rotary_pct})")
         for key in ("hidden_dropout", "attention_dropout"):
             if not 0.0 <= getattr(self, key) < 1.0:
                 raise ConfigError(f"{key}: must be in [0, 1) (got {getattr(self, key)})")
+
+    def _validate_attention_config(self) -> None:
+        if self.attention_config is None:
+            return
+        layers = 0
+        for entry in self.attention_config:
+            ok = (isinstance(entry, (list, tuple)) and len(entry) == 2 and isinstance(entry[0], (list, tuple))
+                  and (entry[1] == "all" or (isinstance(entry[1], int) and entry[1] > 0)))
+            if not ok:
+                raise ConfigError(f"attention_config: entries are [[types], count] or [[types], \"all\"] "
+                                  f"(got {entry!r})")
+            unsupported = sorted(set(entry[0]) - {"global", "flash"})
+            if unsupported:
+                raise ConfigError(f"attention_config: attention type(s) {unsupported} are not implemented; "
+                                  f"only 'global' and 'flash' (causal softmax attention)")
+            layers += self.num_layers if entry[1] == "all" else entry[1] * len(entry[0])
+        if layers != self.num_layers:
+            raise ConfigError(f"attention_config: covers {layers} layers, the model has {self.num_layers}")
 
     @property
     def head_dim(self) -> int:
@@ -139,5 +165,3 @@ class ParallelConfig:
         return world_size // grid
 
 
-def field_names(section_type) -> tuple:
-    return tuple(f.name for f in fields(section_type))

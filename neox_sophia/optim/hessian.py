@@ -90,3 +90,8 @@ def hutchinson(loss: Tensor, params: Sequence[Tensor],
     by_param = {id(p): (u * hv if hv is not None else torch.zeros_like(p)).detach()
                 for (p, _), u, hv in zip(used, probes, hvps)}
     return [by_param.get(id(p), torch.zeros_like(p)) for p in params]
+
+
+# The YAML name of each estimator (optimizer.params.estimator) -> its function. The training
+# loop's Hessian step dispatches on this.
+ESTIMATORS = {"gnb": gnb_loss, "hutchinson": hutchinson}
