@@ -2,6 +2,8 @@
 
     neox-sophia --version
     neox-sophia env            versions of torch / deepspeed / megatron-core, devices
+    neox-sophia plan CONFIG... [--world-size N] [--gpu-memory 80GB] [--json]
+                               parameters and per-GPU memory of a config, before a cluster run
 """
 from __future__ import annotations
 
@@ -46,6 +48,63 @@ def _env(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("configs", nargs="+", metavar="CONFIG", help="GPT-NeoX YAML files, merged in order")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a key (VALUE is YAML; dotted keys reach nested blocks, "
+                             "e.g. optimizer.params.lr=7.0e-4); repeatable")
+
+
+def parse_memory(text: str) -> float:
+    """'80GB', '80GiB', '80' -> GiB (GB is read as GiB, as GPU memory is quoted)."""
+    value = text.strip().lower().removesuffix("ib").removesuffix("b").removesuffix("g")
+    try:
+        return float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--gpu-memory: '{text}' is not like 80GB") from None
+
+
+def load_config_from_args(args: argparse.Namespace):
+    """The config of ``add_config_arguments``; ignored NeoX keys are listed on stderr."""
+    import warnings
+
+    from neox_sophia.config import IgnoredKeysWarning, load_config
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", IgnoredKeysWarning)
+        cfg = load_config(args.configs, args.overrides)
+    for w in caught:
+        print(f"neox-sophia: {w.message}", file=sys.stderr)
+    return cfg
+
+
+def _plan_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser)
+    parser.add_argument("--world-size", type=int, help="GPUs in the run (default: global_num_gpus, "
+                                                       "else TP x PP)")
+    parser.add_argument("--gpu-memory", type=parse_memory, help="memory per GPU, e.g. 80GB: adds 'fits'")
+    parser.add_argument("--vocab-size", type=int, help="tokenizer vocab size (default: from vocab_file)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+@command("plan", "parameter count and per-GPU memory of a config under its parallel layout", _plan_arguments)
+def _plan(args: argparse.Namespace) -> int:
+    import json
+
+    from neox_sophia.config import ConfigError
+    from neox_sophia.plan import format_plan, plan_config
+
+    try:
+        cfg = load_config_from_args(args)
+        result = plan_config(cfg, world_size=args.world_size, gpu_memory_gib=args.gpu_memory,
+                             vocab_size=args.vocab_size)
+    except (ConfigError, ValueError) as e:
+        print(f"neox-sophia plan: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2) if args.json else format_plan(result))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="neox-sophia", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=neox_sophia.__version__)
@@ -58,6 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    import warnings
+
+    # megatron-core says this on every import on machines without them; apex is optional here
+    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "run", None):
