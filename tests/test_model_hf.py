@@ -110,3 +110,23 @@ def test_loss_is_the_mean_cross_entropy_of_the_full_logits():
     logits = model.full_logits(x)
     expected = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, PADDED), labels[:, :-1].reshape(-1))
     torch.testing.assert_close(lm_loss(model(x), labels, mask), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients():
+    from neox_sophia.model.layers import lm_loss
+
+    grid = initialize_model_parallel(1, 1)
+    x = tokens()
+    labels, mask = torch.roll(x, -1, dims=1), torch.ones_like(x)
+    results = []
+    for checkpoint in (False, True):
+        model = GPTNeoX(tiny_config(False, 0.25, checkpoint_activations=checkpoint), PADDED, grid, seed=SEED)
+        assert all(layer.checkpoint == checkpoint for layer in model.layers)
+        loss = lm_loss(model(x), labels, mask)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    torch.testing.assert_close(loss_a, loss_b, rtol=0, atol=0)
+    assert grads_a.keys() == grads_b.keys()
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-6, atol=1e-7, msg=name)

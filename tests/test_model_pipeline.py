@@ -64,3 +64,20 @@ def test_pp2_has_the_same_weights_and_loss_as_one_process():
         assert merged.keys() == single.keys()
         for s in stages:
             torch.testing.assert_close(s["loss"].reshape(()), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_build_model_follows_pipe_parallel_size():
+    """NeoX semantics: 0 is a plain module, 1 is a one-stage PipelineModule; same weights."""
+    from deepspeed.pipe import PipelineModule
+
+    from neox_sophia.model import build_model
+
+    grid = initialize_model_parallel(1, 1)
+    cfg = model_config(tied=False)
+    plain = build_model(cfg, ParallelConfig(pipe_parallel_size=0), PADDED, grid, SEED)
+    piped = build_model(cfg, ParallelConfig(pipe_parallel_size=1), PADDED, grid, SEED)
+    assert isinstance(plain, GPTNeoX) and isinstance(piped, PipelineModule)
+    a, b = full_state_dict(plain), full_state_dict(piped)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name

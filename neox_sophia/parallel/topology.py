@@ -34,6 +34,7 @@ def init_distributed(backend: str | None = None) -> None:
             dist.init_process_group(backend=backend)
         else:
             dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
+            os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed's PipelineModule reads it
     deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
 
 
