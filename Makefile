@@ -1,7 +1,7 @@
 # neox-sophia developer commands. Everything runs inside $(VENV), created on first use.
 #   make install   venv + CPU torch (unless a torch is already importable) + the package
 #   make test      the whole test suite (CPU; GPU tests skip themselves)
-#   make train     the quick-start training run (arrives with the training issue)
+#   make train     the quick-start run: the built-in corpus (once), then configs/quickstart.yml on CPU
 #   make bench     the optimizer micro-benchmark
 PYTHON ?= python3
 VENV ?= .venv
@@ -25,7 +25,8 @@ test: install
 	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
 
 train: install
-	@echo "make train: the training loop arrives with issue 4 (neox-sophia train); nothing to run yet."
+	$(BIN)/neox-sophia corpus --output-dir data/stdlib
+	$(BIN)/neox-sophia train configs/quickstart.yml $(TRAIN_ARGS)
 
 bench: install
 	$(BIN)/python tools/bench_optimizer.py

@@ -4,6 +4,14 @@
     neox-sophia env            versions of torch / deepspeed / megatron-core, devices
     neox-sophia plan CONFIG... [--world-size N] [--gpu-memory 80GB] [--json]
                                parameters and per-GPU memory of a config, before a cluster run
+    neox-sophia train CONFIG... [--set key=value]
+                               train (one rank: alone, or under deepspeed/torchrun/mpirun/srun)
+    neox-sophia launch [--num-gpus N] [--hostfile F] ... CONFIG...
+                               the deepspeed runner around `train`
+    neox-sophia preprocess --input A.jsonl[,B.jsonl.zst] ... --output-prefix P
+                               jsonl -> Megatron indexed dataset (GPT-NeoX's arguments)
+    neox-sophia corpus --output-dir data/stdlib
+                               build the offline default corpus and its tokenizer
 """
 from __future__ import annotations
 
@@ -105,8 +113,60 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from neox_sophia.config import ConfigError
+    from neox_sophia.data.datasets import DataError
+    from neox_sophia.training.checkpoint import CheckpointError
+    from neox_sophia.training.loop import TrainingError, train
+
+    try:
+        train(load_config_from_args(args))
+    except (ConfigError, DataError, TrainingError, CheckpointError, FileNotFoundError) as e:
+        print(f"neox-sophia train: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+command("train", "train a config (this process is one rank)", add_config_arguments)(_train)
+
+
+def _launch_arguments(parser: argparse.ArgumentParser) -> None:
+    from neox_sophia import launch
+
+    launch.add_arguments(parser)
+    add_config_arguments(parser)
+
+
+@command("launch", "run `train` on every rank through the deepspeed runner", _launch_arguments)
+def _launch(args: argparse.Namespace) -> int:
+    from neox_sophia import launch
+    from neox_sophia.config import ConfigError
+
+    try:
+        cfg = load_config_from_args(args)
+    except ConfigError as e:
+        print(f"neox-sophia launch: {e}", file=sys.stderr)
+        return 2
+    return launch.run(cfg, args)
+
+
+def _delegate(module: str):
+    """A subcommand whose arguments and runner live in ``module`` (add_arguments, run)."""
+    import importlib
+
+    return (lambda parser: importlib.import_module(module).add_arguments(parser),
+            lambda args: importlib.import_module(module).run(args))
+
+
+for _name, _help, _module in [
+        ("preprocess", "tokenize jsonl into a Megatron indexed dataset (.bin/.idx)", "neox_sophia.data.preprocess"),
+        ("corpus", "build the built-in default corpus (Python's stdlib) and its tokenizer", "neox_sophia.data.corpus")]:
+    _add, _run = _delegate(_module)
+    command(_name, _help, _add)(_run)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="neox-sophia", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="neox-sophia", description="Sophia for GPT-NeoX-style scale-out pre-training.")
     parser.add_argument("--version", action="version", version=neox_sophia.__version__)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (help_text, add_arguments, run) in COMMANDS.items():

@@ -387,7 +387,7 @@ def test_our_configs_combine(model, optimizer):
     cfg.lr_schedule()
 
 
-def test_tiny_config_is_self_contained():
-    cfg = load(os.path.join(ROOT, "configs", "tiny.yml"))
+def test_quickstart_config_is_self_contained():
+    cfg = load(os.path.join(ROOT, "configs", "quickstart.yml"))
     assert cfg.optimizer.type == "sophia" and cfg.training.train_iters
     assert cfg.parallel.pipe_parallel_size == 0 and cfg.engine.resolved_precision == "fp32"

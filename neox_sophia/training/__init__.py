@@ -1,0 +1,1 @@
+"""The training loop (loop.py), its steps (steps.py), checkpoints and metrics."""

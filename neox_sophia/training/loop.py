@@ -1,0 +1,263 @@
+"""`neox-sophia train`: one rank of a run (alone, or under deepspeed / torchrun / mpirun / srun).
+
+    setup: process group and TP x PP x DP grid -> tokenizer -> model -> optimizer (by the YAML
+           type) -> DeepSpeed engine (PipelineEngine when pipe_parallel_size >= 1) -> LR schedule
+           -> datasets -> resume from `load`
+    loop:  train step; every hessian_interval steps the Sophia Hessian step (step % k == k-1,
+           after that step's update, on samples no training step uses); log; eval; checkpoint.
+
+The Hessian batch of refresh j is the global samples of "step" train_iters + j of the training
+stream: fresh data, a function of the global sample index only.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from neox_sophia.config.neox import NeoXConfig
+from neox_sophia.data.datasets import sample_indices
+from neox_sophia.training import checkpoint as ckpt
+from neox_sophia.training.metrics import Metrics
+from neox_sophia.training.steps import (collate, evaluate, hessian_uniforms, pipeline_hessian_step,
+                                        pipeline_train_step, plain_hessian_step, plain_train_step)
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (the message says why and what to change)."""
+
+
+@dataclass
+class RunResult:
+    step: int
+    train_loss: Dict[int, float] = field(default_factory=dict)
+    val_loss: Dict[int, float] = field(default_factory=dict)
+    hessian_updates: int = 0
+    nonfinite_steps: int = 0
+    grad_norm: Optional[float] = None
+
+
+@dataclass
+class Run:
+    cfg: NeoXConfig
+    engine: object
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    grid: object
+    layout: object
+    vocab_size: int
+    train_data: object
+    valid_data: Optional[object]
+    device: torch.device
+
+    @property
+    def pipeline(self) -> bool:
+        return self.cfg.parallel.pipe_parallel_size >= 1
+
+    @property
+    def hessian_interval(self) -> Optional[int]:
+        params = self.cfg.optimizer.params
+        return params.get("hessian_interval") if self.cfg.optimizer.type == "sophia" else None
+
+    def micro_batches(self, dataset, step: int, grad_accum: int) -> list:
+        lay, g = self.layout, self.grid
+        return [collate(dataset, sample_indices(step, m, g.dp_rank, lay.dp, lay.micro_batch_size, grad_accum),
+                        self.device) for m in range(grad_accum)]
+
+
+def _device() -> torch.device:
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
+def setup(cfg: NeoXConfig) -> Run:
+    import deepspeed
+
+    from neox_sophia.data.tokenizers import build_tokenizer
+    from neox_sophia.model import build_model
+    from neox_sophia.optim.factory import build_optimizer, weight_decay_groups
+    from neox_sophia.optim.schedules import AnnealingLR
+    from neox_sophia.parallel.topology import init_distributed, initialize_model_parallel
+
+    device = _device()
+    init_distributed(cfg.launch.distributed_backend if device.type == "cuda" else "gloo")
+    layout = cfg.layout(dist.get_world_size())
+    if cfg.training.train_iters is None:
+        raise TrainingError("train_iters: not set; say how many optimizer steps to train")
+    if cfg.optimizer.type == "sophia" and cfg.parallel.model_parallel_size > 1:
+        raise TrainingError("model_parallel_size > 1 with Sophia needs label sampling from vocab-parallel "
+                            "logits, which arrives with the TP/PP Sophia issue; use model_parallel_size 1")
+    grid = initialize_model_parallel(cfg.parallel.model_parallel_size, cfg.parallel.pipeline_stages)
+    data = cfg.data
+    tokenizer = build_tokenizer(data.tokenizer_type, data.vocab_file, data.merge_file)
+    padded = cfg.padded_vocab_size(tokenizer.vocab_size)
+    torch.manual_seed(cfg.training.seed)
+    model = build_model(cfg.model, cfg.parallel, padded, grid, cfg.training.seed).to(device)
+    optimizer = build_optimizer(cfg.optimizer.optimizer, weight_decay_groups(model, cfg.optimizer.weight_decay),
+                                bs=layout.train_batch_size * cfg.model.seq_length)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=cfg.deepspeed_config(layout.world_size))
+    _keep_fp32_grad_norm(engine)
+    scheduler = AnnealingLR(optimizer, cfg.lr_schedule())
+    train_data, valid_data = _datasets(cfg, layout, tokenizer)
+    return Run(cfg, engine, optimizer, scheduler, grid, layout, tokenizer.vocab_size, train_data, valid_data, device)
+
+
+def _datasets(cfg: NeoXConfig, layout, tokenizer):
+    from neox_sophia.data.datasets import build_datasets
+
+    t = cfg.training
+    interval = cfg.optimizer.params.get("hessian_interval") if cfg.optimizer.type == "sophia" else None
+    hessian_batches = t.train_iters // interval + 1 if interval else 0
+    evals = t.train_iters // cfg.logging.eval_interval + 1
+    num_samples = ((t.train_iters + hessian_batches) * layout.train_batch_size,
+                   evals * cfg.logging.eval_iters * layout.micro_batch_size * layout.dp, 0)
+    train, valid, _ = build_datasets(cfg.data, seq_length=cfg.model.seq_length, seed=t.seed,
+                                     num_samples=num_samples, tokenizer=tokenizer)
+    if train is None:
+        raise TrainingError("data_path: no training data configured; set data_path (or train_data_paths), "
+                            "e.g. prepare the built-in corpus with `neox-sophia corpus`")
+    return train, (valid if cfg.logging.eval_iters > 0 else None)
+
+
+def _resume(run: Run) -> tuple:
+    """(step, non-finite steps so far) from `load`, or (0, 0) for a fresh start."""
+    cfg = run.cfg.checkpoint
+    if not cfg.load:
+        return 0, 0
+    fresh = not os.path.isdir(cfg.load) or not os.listdir(cfg.load)
+    if fresh and cfg.load == cfg.save:  # the first run of a resumable setup
+        return 0, 0
+    tag, state = ckpt.load(run.engine, cfg.load)
+    run.scheduler.load_state_dict(state["scheduler"])
+    if dist.get_rank() == 0:
+        print(f"neox-sophia: resumed from {os.path.join(cfg.load, tag)} at step {state['step']}", flush=True)
+    return int(state["step"]), state.get("nonfinite_steps", 0)
+
+
+def _sophia_statistics(run: Run) -> Dict[str, float]:
+    from neox_sophia.optim.sophia import Sophia, SophiaStatistics
+
+    if not isinstance(run.optimizer, Sophia):
+        return {"clip_frac": None, "win_rate": None}
+    sums = run.optimizer.statistics_sums()
+    if dist.get_world_size() > 1:
+        dist.all_reduce(sums)  # ratios are right whether the state is sharded or replicated
+    stats = SophiaStatistics.from_sums(sums)
+    return {"clip_frac": stats.clip_frac, "win_rate": stats.win_rate}
+
+
+def _should_save(cfg: NeoXConfig, step: int) -> bool:
+    c = cfg.checkpoint
+    if not c.save:
+        return False
+    return (step == cfg.training.train_iters or (c.checkpoint_factor and step % c.checkpoint_factor == 0)
+            or step in (c.extra_save_iters or ()))
+
+
+def _save(run: Run, step: int, nonfinite: int) -> None:
+    state = {"step": step, "scheduler": run.scheduler.state_dict(), "nonfinite_steps": nonfinite}
+    ckpt.save(run.engine, run.cfg.checkpoint.save, step, state, run.cfg.values,
+              keep_last=run.cfg.checkpoint.keep_last_n_checkpoints)
+
+
+def _one_step(run: Run, step: int, result: RunResult) -> bool:
+    """Train step `step` (and its Hessian refresh); returns whether the update was applied."""
+    lay, cfg = run.layout, run.cfg
+    batches = run.micro_batches(run.train_data, step, lay.gradient_accumulation_steps)
+    if run.pipeline:
+        outcome = pipeline_train_step(run.engine, batches)
+    else:
+        outcome = plain_train_step(run.engine, run.optimizer, batches)
+    if outcome.finite:
+        run.scheduler.step()
+    result.grad_norm = _grad_norm(run.engine)  # before the Hessian step clips its own gradient
+    k = run.hessian_interval
+    if k and step % k == k - 1:
+        hessian = run.micro_batches(run.train_data, cfg.training.train_iters + step // k, lay.gradient_accumulation_steps)
+        u = hessian_uniforms(cfg.training.seed, step // k, hessian, cfg.model.seq_length)
+        fn = pipeline_hessian_step if run.pipeline else plain_hessian_step
+        fn(run.engine, run.optimizer, hessian, u, run.vocab_size, run.grid.tp_size)
+        result.hessian_updates += 1
+    result.train_loss[step + 1] = outcome.loss
+    return outcome.finite
+
+
+def train_loop(run: Run, start_step: int = 0, nonfinite: int = 0) -> RunResult:
+    cfg, lay = run.cfg, run.layout
+    t = cfg.training
+    rank = dist.get_rank()
+    metrics = Metrics(cfg.logging.log_dir, cfg.logging.tensorboard_dir, rank, t.train_iters)
+    result = RunResult(start_step, nonfinite_steps=nonfinite)
+    in_a_row, window_start, window_steps, began = 0, time.time(), 0, time.time()
+    step = start_step
+    try:
+        while step < t.train_iters:
+            k = run.hessian_interval
+            hessian_update = bool(k and step % k == k - 1)
+            applied = _one_step(run, step, result)
+            step += 1
+            window_steps += 1
+            in_a_row = 0 if applied else in_a_row + 1
+            result.nonfinite_steps += 0 if applied else 1
+            if in_a_row >= t.max_nonfinite_steps:
+                raise TrainingError(f"the loss was not finite for {in_a_row} steps in a row (step {step}); "
+                                    f"lower the lr (optimizer.params.lr) or raise rho, or resume from the last "
+                                    f"checkpoint (max_nonfinite_steps={t.max_nonfinite_steps})")
+            if step % cfg.logging.log_interval == 0 or step == t.train_iters:
+                elapsed = time.time() - window_start
+                tokens = window_steps * lay.train_batch_size * cfg.model.seq_length
+                record = {"step": step, "loss": result.train_loss[step], "lr": run.scheduler.get_last_lr()[0],
+                          "grad_norm": result.grad_norm, "hessian_update": hessian_update,
+                          "tokens_per_s": tokens / max(elapsed, 1e-9), "elapsed_s": time.time() - began,
+                          "nonfinite_steps": result.nonfinite_steps,
+                          **_sophia_statistics(run)}
+                record["eta_s"] = (t.train_iters - step) * elapsed / max(window_steps, 1)
+                metrics.train(record)
+                window_start, window_steps = time.time(), 0
+            if run.valid_data is not None and step % cfg.logging.eval_interval == 0:
+                p = step // cfg.logging.eval_interval
+                loss = evaluate(run.engine, run.micro_batches(run.valid_data, p, cfg.logging.eval_iters), run.pipeline)
+                result.val_loss[step] = loss
+                metrics.eval(step, loss)
+            if _should_save(cfg, step):
+                _save(run, step, result.nonfinite_steps)
+            result.step = step
+    finally:
+        metrics.close()
+    return result
+
+
+def _keep_fp32_grad_norm(engine) -> None:
+    """DeepSpeed computes the gradient norm when it clips plain fp32 gradients (no ZeRO, no
+    fp16/bf16 optimizer) but drops it; keep it so that every layout logs grad_norm."""
+    from deepspeed.runtime.utils import clip_grad_norm_
+
+    def clip() -> None:
+        engine._global_grad_norm = clip_grad_norm_(parameters=engine.module.parameters(),
+                                                   max_norm=engine.gradient_clipping(), mpu=engine.mpu)
+
+    engine.clip_fp32_gradients = clip
+
+
+def _grad_norm(engine) -> Optional[float]:
+    norm = engine.get_global_grad_norm()
+    if norm is None:
+        return None
+    return float(norm.item() if torch.is_tensor(norm) else norm)
+
+
+def train(cfg: NeoXConfig) -> RunResult:
+    run = setup(cfg)
+    start, nonfinite = _resume(run)
+    if start >= cfg.training.train_iters and dist.get_rank() == 0:
+        print(f"neox-sophia: nothing to train: the checkpoint in {cfg.checkpoint.load} is at step {start} "
+              f"and train_iters is {cfg.training.train_iters}; raise train_iters or use a new save/load "
+              f"directory", flush=True)
+    return train_loop(run, start, nonfinite)

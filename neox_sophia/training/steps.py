@@ -1,0 +1,172 @@
+"""One training step, one Sophia Hessian step and one evaluation, for both DeepSpeed engines.
+
+Data layout (DESIGN.md, invariant 2; neox_sophia.data.datasets.sample_indices): optimizer step s
+consumes the global samples [s*B, (s+1)*B), B = train_batch_size. Which rank computes a sample
+changes with the layout; the set of samples in a step, and every sample's content and sampled
+labels, do not.
+
+The Hessian step runs *through* the engine, so DeepSpeed reduces, unscales and clips the
+sampled-label gradient exactly like a training gradient, then calls the client optimizer's
+step(): `redirected_step` points that call at `update_hessian()` (or at nothing, to skip a step
+whose loss was not finite) and undoes the engine's step and sample counters afterwards. The LR
+schedule is ours and advances only on real steps.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Iterator, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from neox_sophia.model.layers import lm_loss
+from neox_sophia.parallel.sampling import label_uniforms, sampled_label_loss
+
+
+@dataclass
+class MicroBatch:
+    tokens: torch.Tensor      # [mb, s]
+    labels: torch.Tensor      # [mb, s]
+    loss_mask: torch.Tensor   # [mb, s]
+    indices: List[int]        # global sample indices
+
+
+def collate(dataset, indices, device: torch.device) -> MicroBatch:
+    samples = [dataset[i] for i in indices]
+    stack = lambda key: torch.stack([torch.as_tensor(s[key]) for s in samples]).to(device)  # noqa: E731
+    return MicroBatch(stack("tokens").long(), stack("labels").long(), stack("loss_mask").float(), list(indices))
+
+
+@contextlib.contextmanager
+def redirected_step(engine, client_optimizer, replacement: Callable[[], None]) -> Iterator[None]:
+    """Within the block, the engine's optimizer step calls ``replacement`` instead of the client
+    optimizer's step, and the engine's step/sample counters are restored on exit."""
+    steps, samples = engine.global_steps, engine.global_samples
+    own = vars(client_optimizer).get("step")
+    client_optimizer.step = lambda *args, **kwargs: replacement()
+    try:
+        yield
+    finally:
+        if own is None:
+            del client_optimizer.step
+        else:
+            client_optimizer.step = own
+        engine.global_steps, engine.global_samples = steps, samples
+
+
+def all_finite(value: torch.Tensor) -> bool:
+    flag = torch.isfinite(value.detach()).all().to(torch.float32).reshape(1)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item() == 1.0)
+
+
+def zero_loss(module: torch.nn.Module) -> torch.Tensor:
+    """A loss whose gradient is exactly zero for every parameter (keeps DeepSpeed's reductions
+    and counters in step when a micro-batch is thrown away)."""
+    return sum((p * 0).sum() for p in module.parameters() if p.requires_grad)
+
+
+def mean_across(value: torch.Tensor, group=None) -> float:
+    value = value.detach().float().clone().reshape(1)
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(value, group=group)
+        value /= dist.get_world_size(group)
+    return float(value.item())
+
+
+@dataclass
+class StepOutcome:
+    loss: float
+    finite: bool
+
+
+def plain_train_step(engine, client_optimizer, batches: List[MicroBatch], dp_group=None) -> StepOutcome:
+    """pipe_parallel_size 0: forward/backward every micro-batch, one optimizer step. A micro-batch
+    whose loss is not finite on any rank makes the whole step a no-op."""
+    engine.train()
+    losses, finite = [], True
+    for batch in batches:
+        loss = lm_loss(engine(batch.tokens), batch.labels, batch.loss_mask)
+        ok = all_finite(loss)
+        finite &= ok
+        engine.backward(loss if ok else zero_loss(engine.module))
+        if finite or batch is not batches[-1]:
+            engine.step()
+        else:
+            with redirected_step(engine, client_optimizer, lambda: None):
+                engine.step()
+        losses.append(loss.detach())
+    return StepOutcome(mean_across(torch.stack(losses).mean(), dp_group), finite)
+
+
+def plain_hessian_step(engine, client_optimizer, batches: List[MicroBatch], uniforms: List[torch.Tensor],
+                       vocab_size: int, tp_size: int) -> float:
+    """Sophia-G's Hessian refresh on a plain module: sampled-label loss, backward, and an engine
+    step whose optimizer call is update_hessian(). Returns the sampled-label loss."""
+    engine.train()
+    losses = []
+    for batch, u in zip(batches, uniforms):
+        loss = sampled_label_loss(engine(batch.tokens), u, batch.loss_mask, vocab_size, tp_size)
+        engine.backward(loss)
+        if batch is batches[-1]:
+            with redirected_step(engine, client_optimizer, client_optimizer.update_hessian):
+                engine.step()
+        else:
+            engine.step()
+        losses.append(loss.detach())
+    return float(torch.stack(losses).mean())
+
+
+def pipeline_train_step(engine, batches: List[MicroBatch]) -> StepOutcome:
+    """pipe_parallel_size >= 1: the PipelineEngine runs the schedule and the optimizer step."""
+    data = iter([(b.tokens, (b.labels, b.loss_mask)) for b in batches])
+    loss = engine.train_batch(data_iter=data)
+    return StepOutcome(float(loss), bool(torch.isfinite(loss)))
+
+
+def pipeline_hessian_step(engine, client_optimizer, batches: List[MicroBatch], uniforms: List[torch.Tensor],
+                          vocab_size: int, tp_size: int) -> float:
+    """The Hessian refresh under the PipelineEngine: the last stage's loss function samples labels
+    (the uniforms travel in the labels slot of the batch), and the schedule's optimizer step is
+    redirected to update_hessian()."""
+    module = engine.module
+    original = module.loss_fn
+
+    def gnb(logits, uniforms_and_mask):
+        u, mask = uniforms_and_mask
+        return sampled_label_loss(logits, u, mask, vocab_size, tp_size)
+
+    module.loss_fn = gnb
+    try:
+        data = iter([(b.tokens, (u, b.loss_mask)) for b, u in zip(batches, uniforms)])
+        with redirected_step(engine, client_optimizer, client_optimizer.update_hessian):
+            loss = engine.train_batch(data_iter=data)
+    finally:
+        module.loss_fn = original
+    return float(loss)
+
+
+def hessian_uniforms(seed: int, hessian_step: int, batches: List[MicroBatch], seq_length: int) -> List[torch.Tensor]:
+    return [label_uniforms(seed, hessian_step, b.indices, seq_length) for b in batches]
+
+
+@torch.no_grad()
+def evaluate(engine, batches: List[MicroBatch], pipeline: bool, dp_group=None) -> float:
+    engine.eval()
+    if pipeline:
+        data = iter([(b.tokens, (b.labels, b.loss_mask)) for b in batches])
+        return float(engine.eval_batch(data_iter=data, num_micro_batches=len(batches)))
+    losses = [lm_loss(engine(b.tokens), b.labels, b.loss_mask) for b in batches]
+    return mean_across(torch.stack(losses).mean(), dp_group)
+
+
+def find_client_optimizer(engine) -> Optional[torch.optim.Optimizer]:
+    """The optimizer we built, under DeepSpeed's wrappers (ZeRO, bf16, fp16)."""
+    opt = engine.optimizer
+    while opt is not None and not isinstance(opt, torch.optim.Optimizer):
+        opt = getattr(opt, "optimizer", None)
+    if opt is not None and hasattr(opt, "optimizer") and isinstance(opt.optimizer, torch.optim.Optimizer):
+        return opt.optimizer
+    return opt
