@@ -117,9 +117,16 @@ def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(corpus, tmp_path):
         assert torch.equal(second["weights"][name], w), name
 
 
+def launcher_free_env(**extra):
+    """This environment without any launcher variables an earlier in-process test may have set."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    return {**env, "DS_ACCELERATOR": "cpu", **extra}
+
+
 def cli(args, env=None, timeout=300):
     return subprocess.run([sys.executable, "-m", "neox_sophia.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "DS_ACCELERATOR": "cpu", **(env or {})}, cwd=ROOT)
+                          timeout=timeout, env=launcher_free_env(**(env or {})), cwd=ROOT, stdin=subprocess.DEVNULL)
 
 
 def test_kill_during_save_keeps_the_previous_checkpoint(corpus, tmp_path):
@@ -184,3 +191,20 @@ def test_launch_runs_train_on_two_cpu_ranks_through_the_deepspeed_runner(corpus,
     assert launched.returncode == 0, launched.stderr[-3000:]
     assert "--no_local_rank --module neox_sophia.cli train" in launched.stderr
     assert [r["step"] for r in read_metrics(str(tmp_path)) if "loss" in r] == [1, 2]
+
+
+@pytest.mark.skipif(shutil.which("mpirun", path=os.path.dirname(sys.executable)) is None,
+                    reason="no mpirun next to this Python (the mpich wheel of the test extra provides one)")
+def test_train_under_mpirun_matches_one_process(corpus, tmp_path):
+    sets = overrides(corpus, str(tmp_path / "mpi"), train_iters=3, lr_decay_iters=3, eval_iters=0,
+                     train_micro_batch_size_per_gpu=2)
+    mpirun = shutil.which("mpirun", path=os.path.dirname(sys.executable))
+    done = subprocess.run([mpirun, "-n", "2", sys.executable, "-m", "neox_sophia.cli", "train", QUICKSTART]
+                          + [a for s in sets for a in ("--set", s)], capture_output=True, text=True, timeout=300,
+                          cwd=ROOT, stdin=subprocess.DEVNULL, env=launcher_free_env())
+    assert done.returncode == 0, done.stderr[-3000:]
+    one = run_ranks(train_worker, 1, args=(overrides(corpus, str(tmp_path / "one"), train_iters=3, lr_decay_iters=3,
+                                                     eval_iters=0),))[0]
+    mpi = {r["step"]: r["loss"] for r in read_metrics(str(tmp_path / "mpi")) if "loss" in r}
+    for step in (1, 2, 3):
+        assert mpi[step] == pytest.approx(one["loss"][step], rel=1e-5)

@@ -1,14 +1,15 @@
 """The one place that sets up processes and the TP x PP x DP grid.
 
-torch.distributed is initialized from the launcher's environment (RANK, WORLD_SIZE,
-MASTER_ADDR, MASTER_PORT: deepspeed, torchrun; mpirun and srun arrive with the launch issue),
-or as a single process when none is set. megatron-core's parallel_state is initialized with the
+torch.distributed is initialized from the launcher's environment: RANK, WORLD_SIZE,
+MASTER_ADDR, MASTER_PORT (deepspeed, torchrun), or what mpirun (via mpi4py) and srun (SLURM_*)
+provide, translated into those names; as a single process when none is set. megatron-core's parallel_state is initialized with the
 same TP and PP sizes as DeepSpeed's PipeModelDataParallelTopology; both order ranks TP
 innermost, then DP, then PP, so their groups agree.
 """
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +18,50 @@ import torch.distributed as dist
 
 def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def _from_mpi() -> dict:
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    rank = comm.Get_rank()
+    local_rank = comm.Split_type(MPI.COMM_TYPE_SHARED, key=rank).Get_rank()
+    master = comm.bcast(socket.gethostname() if rank == 0 else None, root=0)
+    return {"RANK": rank, "WORLD_SIZE": comm.Get_size(), "LOCAL_RANK": local_rank, "MASTER_ADDR": master}
+
+
+def _from_slurm() -> dict:
+    env = os.environ
+    master = "127.0.0.1"
+    nodes = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+    if nodes and int(env.get("SLURM_NNODES", "1")) > 1:
+        import subprocess
+
+        master = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True,
+                                check=True).stdout.split()[0]
+    return {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": env["SLURM_NTASKS"],
+            "LOCAL_RANK": env.get("SLURM_LOCALID", "0"), "MASTER_ADDR": master}
+
+
+def launcher_environment() -> None:
+    """Fill RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT when mpirun or srun (rather
+    than deepspeed or torchrun, which set RANK and WORLD_SIZE) started this process. A
+    MASTER_ADDR or MASTER_PORT already set is kept."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return
+    if any(k in env for k in ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "MPI_LOCALRANKID")):
+        found = _from_mpi()
+    elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        found = _from_slurm()
+    else:
+        return
+    if int(found["WORLD_SIZE"]) == 1 and "MASTER_ADDR" not in env:
+        return  # a lone process: the in-memory group below
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):  # the launcher knows these; a stale value does not
+        env[key] = str(found[key])
+    env.setdefault("MASTER_ADDR", str(found["MASTER_ADDR"]))
+    env.setdefault("MASTER_PORT", "29500")
 
 
 def init_distributed(backend: str | None = None) -> None:
@@ -30,6 +75,7 @@ def init_distributed(backend: str | None = None) -> None:
 
     backend = backend or default_backend()
     if not dist.is_initialized():
+        launcher_environment()
         if "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ:
             dist.init_process_group(backend=backend)
         else:
