@@ -14,9 +14,12 @@ LAUNCH_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 @pytest.fixture
 def clean_env(monkeypatch):
+    """No launcher variables during the test, and none left behind: launcher_environment()
+    writes os.environ directly, so every key is registered with monkeypatch to be restored."""
     for key in LAUNCH_KEYS + ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "MPI_LOCALRANKID",
                               "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_NNODES"):
-        monkeypatch.delenv(key, raising=False)
+        monkeypatch.setenv(key, "registered")
+        monkeypatch.delenv(key)
     return monkeypatch
 
 
