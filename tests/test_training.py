@@ -166,8 +166,11 @@ def test_bad_input_is_one_clear_line(corpus, tmp_path):
     (corrupt / "mp_rank_00_model_states.pt").write_bytes(b"not a checkpoint")
     bad = run(f"load={tmp_path / 'corrupt'}")
     assert bad.returncode == 2 and "could not be read" in bad.stderr and "Traceback" not in bad.stderr
-    diverged = run("optimizer.params.lr=1.0e+30", "max_nonfinite_steps=2", "gradient_clipping=0.0")
-    assert diverged.returncode == 2 and "not finite for 2 steps in a row" in diverged.stderr, diverged.stderr[-2000:]
+    for pipe in (0, 1):  # the plain engine checks the loss, the PipelineEngine the gradients
+        diverged = run("optimizer.params.lr=1.0e+30", "max_nonfinite_steps=2", "gradient_clipping=0.0",
+                       f"pipe_parallel_size={pipe}")
+        assert diverged.returncode == 2, diverged.stderr[-2000:]
+        assert "not finite for 2 steps in a row" in diverged.stderr, diverged.stderr[-2000:]
 
 
 @pytest.mark.parametrize("pipe,world", [(1, 1), (2, 2)])

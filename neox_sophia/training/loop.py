@@ -172,7 +172,7 @@ def _one_step(run: Run, step: int, result: RunResult) -> bool:
     lay, cfg = run.layout, run.cfg
     batches = run.micro_batches(run.train_data, step, lay.gradient_accumulation_steps)
     if run.pipeline:
-        outcome = pipeline_train_step(run.engine, batches)
+        outcome = pipeline_train_step(run.engine, run.optimizer, batches)
     else:
         outcome = plain_train_step(run.engine, run.optimizer, batches)
     if outcome.finite:

@@ -39,9 +39,10 @@ def collate(dataset, indices, device: torch.device) -> MicroBatch:
 
 
 @contextlib.contextmanager
-def redirected_step(engine, client_optimizer, replacement: Callable[[], None]) -> Iterator[None]:
+def redirected_step(engine, client_optimizer, replacement: Callable[[], None],
+                    restore_counters: bool = True) -> Iterator[None]:
     """Within the block, the engine's optimizer step calls ``replacement`` instead of the client
-    optimizer's step, and the engine's step/sample counters are restored on exit."""
+    optimizer's step; the engine's step/sample counters are restored on exit unless told not to."""
     steps, samples = engine.global_steps, engine.global_samples
     own = vars(client_optimizer).get("step")
     client_optimizer.step = lambda *args, **kwargs: replacement()
@@ -52,7 +53,8 @@ def redirected_step(engine, client_optimizer, replacement: Callable[[], None]) -
             del client_optimizer.step
         else:
             client_optimizer.step = own
-        engine.global_steps, engine.global_samples = steps, samples
+        if restore_counters:
+            engine.global_steps, engine.global_samples = steps, samples
 
 
 def all_finite(value: torch.Tensor) -> bool:
@@ -119,11 +121,30 @@ def plain_hessian_step(engine, client_optimizer, batches: List[MicroBatch], unif
     return float(torch.stack(losses).mean())
 
 
-def pipeline_train_step(engine, batches: List[MicroBatch]) -> StepOutcome:
-    """pipe_parallel_size >= 1: the PipelineEngine runs the schedule and the optimizer step."""
+def gradients_finite(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether every gradient the optimizer is about to apply is finite, on every rank (under
+    ZeRO each rank holds a different partition)."""
+    flags = [torch.isfinite(p.grad).all() for group in optimizer.param_groups for p in group["params"]
+             if p.grad is not None]
+    return all_finite(torch.stack(flags) if flags else torch.ones(1, dtype=torch.bool))
+
+
+def pipeline_train_step(engine, client_optimizer, batches: List[MicroBatch]) -> StepOutcome:
+    """pipe_parallel_size >= 1: the PipelineEngine runs the schedule and the optimizer step. The
+    loss is known only after that step, so the step itself checks the gradients and is skipped
+    when any is not finite (a non-finite loss makes non-finite gradients)."""
+    applied = [True]
+
+    def guarded() -> None:
+        if gradients_finite(client_optimizer):
+            type(client_optimizer).step(client_optimizer)
+        else:
+            applied[0] = False
+
     data = iter([(b.tokens, (b.labels, b.loss_mask)) for b in batches])
-    loss = engine.train_batch(data_iter=data)
-    return StepOutcome(float(loss), bool(torch.isfinite(loss)))
+    with redirected_step(engine, client_optimizer, guarded, restore_counters=False):
+        loss = engine.train_batch(data_iter=data)
+    return StepOutcome(float(loss), applied[0] and bool(torch.isfinite(loss)))
 
 
 def pipeline_hessian_step(engine, client_optimizer, batches: List[MicroBatch], uniforms: List[torch.Tensor],
