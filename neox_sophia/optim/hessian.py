@@ -31,22 +31,12 @@ def sample_labels(logits: Tensor, uniforms: Tensor, vocab_size: Optional[int] = 
     """y ~ softmax(logits) by inverse CDF: the first class whose cumulative probability > u.
 
     ``uniforms`` has shape logits.shape[:-1] with values in [0, 1). Columns at or beyond
-    ``vocab_size`` (vocabulary padding) get probability zero and are never drawn.
+    ``vocab_size`` (vocabulary padding) get probability zero and are never drawn. This is the
+    one-shard case of the vocab-parallel sampler, so both draw the same labels.
     """
-    if uniforms.shape != logits.shape[:-1]:
-        raise ValueError(f"sample_labels: uniforms of shape {tuple(uniforms.shape)} do not match "
-                         f"logits of shape {tuple(logits.shape)} (one uniform per token)")
-    with torch.no_grad():
-        logits = logits.float()
-        if vocab_size is not None and vocab_size < logits.shape[-1]:
-            logits = logits.clone()
-            logits[..., vocab_size:] = float("-inf")
-        cdf = torch.softmax(logits, dim=-1).cumsum(dim=-1)
-        # Scale u by the total so rounding in the cumulative sum cannot push u past the end.
-        target = (uniforms.to(cdf.dtype) * cdf[..., -1]).unsqueeze(-1)
-        labels = torch.searchsorted(cdf, target, right=True).squeeze(-1)
-        last = (vocab_size if vocab_size is not None else logits.shape[-1]) - 1
-        return labels.clamp_(max=last)
+    from neox_sophia.parallel.sampling import sample_vocab_parallel
+
+    return sample_vocab_parallel(logits, uniforms, vocab_size)
 
 
 def gnb_loss(logits: Tensor, loss_mask: Optional[Tensor] = None,

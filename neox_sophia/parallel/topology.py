@@ -140,3 +140,47 @@ def gather_tensor_parallel(tensor: torch.Tensor, dim: int = -1) -> torch.Tensor:
     parts = [torch.empty_like(tensor) for _ in range(size)]
     dist.all_gather(parts, tensor.contiguous(), group=group)
     return torch.cat(parts, dim=dim)
+
+
+class MegatronMPU:
+    """DeepSpeed's `mpu` for a plain (not pipelined) module, answered from megatron-core's
+    parallel_state: DeepSpeed's "model parallel" group is the tensor-parallel group, so ZeRO
+    shards over the data-parallel group and gradient-norm clipping counts TP shards once each."""
+
+    @staticmethod
+    def _ps():
+        from megatron.core import parallel_state
+
+        return parallel_state
+
+    def get_model_parallel_group(self):
+        return self._ps().get_tensor_model_parallel_group()
+
+    def get_model_parallel_rank(self) -> int:
+        return self._ps().get_tensor_model_parallel_rank()
+
+    def get_model_parallel_world_size(self) -> int:
+        return self._ps().get_tensor_model_parallel_world_size()
+
+    get_tensor_model_parallel_group = get_model_parallel_group
+    get_tensor_model_parallel_rank = get_model_parallel_rank
+    get_tensor_model_parallel_world_size = get_model_parallel_world_size
+
+    def get_tensor_model_parallel_src_rank(self) -> int:
+        return self._ps().get_tensor_model_parallel_src_rank()
+
+    def get_data_parallel_group(self):
+        return self._ps().get_data_parallel_group()
+
+    def get_data_parallel_rank(self) -> int:
+        return self._ps().get_data_parallel_rank()
+
+    def get_data_parallel_world_size(self) -> int:
+        return self._ps().get_data_parallel_world_size()
+
+
+def tensor_parallel_group():
+    """The tensor-parallel process group of this rank (megatron-core's)."""
+    from megatron.core import parallel_state
+
+    return parallel_state.get_tensor_model_parallel_group()

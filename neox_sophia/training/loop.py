@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from neox_sophia.config.neox import NeoXConfig
 from neox_sophia.data.datasets import sample_indices
+from neox_sophia.parallel.topology import tensor_parallel_group
 from neox_sophia.training import checkpoint as ckpt
 from neox_sophia.training.metrics import Metrics
 from neox_sophia.training.steps import (collate, evaluate, hessian_uniforms, pipeline_hessian_step,
@@ -84,16 +85,13 @@ def setup(cfg: NeoXConfig) -> Run:
     from neox_sophia.model import build_model
     from neox_sophia.optim.factory import build_optimizer, weight_decay_groups
     from neox_sophia.optim.schedules import AnnealingLR
-    from neox_sophia.parallel.topology import init_distributed, initialize_model_parallel
+    from neox_sophia.parallel.topology import MegatronMPU, init_distributed, initialize_model_parallel
 
     device = _device()
     init_distributed(cfg.launch.distributed_backend if device.type == "cuda" else "gloo")
     layout = cfg.layout(dist.get_world_size())
     if cfg.training.train_iters is None:
         raise TrainingError("train_iters: not set; say how many optimizer steps to train")
-    if cfg.optimizer.type == "sophia" and cfg.parallel.model_parallel_size > 1:
-        raise TrainingError("model_parallel_size > 1 with Sophia needs label sampling from vocab-parallel "
-                            "logits, which arrives with the TP/PP Sophia issue; use model_parallel_size 1")
     grid = initialize_model_parallel(cfg.parallel.model_parallel_size, cfg.parallel.pipeline_stages)
     data = cfg.data
     tokenizer = build_tokenizer(data.tokenizer_type, data.vocab_file, data.merge_file)
@@ -102,7 +100,10 @@ def setup(cfg: NeoXConfig) -> Run:
     model = build_model(cfg.model, cfg.parallel, padded, grid, cfg.training.seed).to(device)
     optimizer = build_optimizer(cfg.optimizer.optimizer, weight_decay_groups(model, cfg.optimizer.weight_decay),
                                 bs=layout.train_batch_size * cfg.model.seq_length)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=cfg.deepspeed_config(layout.world_size))
+    # A PipelineModule brings its own grid; a plain module gets megatron-core's groups.
+    mpu = None if cfg.parallel.pipe_parallel_size >= 1 else MegatronMPU()
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, mpu=mpu,
+                                      config=cfg.deepspeed_config(layout.world_size))
     _keep_fp32_grad_norm(engine)
     scheduler = AnnealingLR(optimizer, cfg.lr_schedule())
     train_data, valid_data = _datasets(cfg, layout, tokenizer)
@@ -183,7 +184,7 @@ def _one_step(run: Run, step: int, result: RunResult) -> bool:
         hessian = run.micro_batches(run.train_data, cfg.training.train_iters + step // k, lay.gradient_accumulation_steps)
         u = hessian_uniforms(cfg.training.seed, step // k, hessian, cfg.model.seq_length)
         fn = pipeline_hessian_step if run.pipeline else plain_hessian_step
-        fn(run.engine, run.optimizer, hessian, u, run.vocab_size, run.grid.tp_size)
+        fn(run.engine, run.optimizer, hessian, u, run.vocab_size, tensor_parallel_group())
         result.hessian_updates += 1
     result.train_loss[step + 1] = outcome.loss
     return outcome.finite

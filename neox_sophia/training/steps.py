@@ -104,13 +104,13 @@ def plain_train_step(engine, client_optimizer, batches: List[MicroBatch], dp_gro
 
 
 def plain_hessian_step(engine, client_optimizer, batches: List[MicroBatch], uniforms: List[torch.Tensor],
-                       vocab_size: int, tp_size: int) -> float:
+                       vocab_size: int, tp_group=None) -> float:
     """Sophia-G's Hessian refresh on a plain module: sampled-label loss, backward, and an engine
     step whose optimizer call is update_hessian(). Returns the sampled-label loss."""
     engine.train()
     losses = []
     for batch, u in zip(batches, uniforms):
-        loss = sampled_label_loss(engine(batch.tokens), u, batch.loss_mask, vocab_size, tp_size)
+        loss = sampled_label_loss(engine(batch.tokens), u, batch.loss_mask, vocab_size, tp_group)
         engine.backward(loss)
         if batch is batches[-1]:
             with redirected_step(engine, client_optimizer, client_optimizer.update_hessian):
@@ -148,7 +148,7 @@ def pipeline_train_step(engine, client_optimizer, batches: List[MicroBatch]) -> 
 
 
 def pipeline_hessian_step(engine, client_optimizer, batches: List[MicroBatch], uniforms: List[torch.Tensor],
-                          vocab_size: int, tp_size: int) -> float:
+                          vocab_size: int, tp_group=None) -> float:
     """The Hessian refresh under the PipelineEngine: the last stage's loss function samples labels
     (the uniforms travel in the labels slot of the batch), and the schedule's optimizer step is
     redirected to update_hessian()."""
@@ -157,7 +157,7 @@ def pipeline_hessian_step(engine, client_optimizer, batches: List[MicroBatch], u
 
     def gnb(logits, uniforms_and_mask):
         u, mask = uniforms_and_mask
-        return sampled_label_loss(logits, u, mask, vocab_size, tp_size)
+        return sampled_label_loss(logits, u, mask, vocab_size, tp_group)
 
     module.loss_fn = gnb
     try:
