@@ -306,7 +306,7 @@ def test_optimizer_block_defaults_aliases_and_errors():
     name, params = parse_optimizer_block({"type": "Sophia", "params": {"lr": 2e-4, "hessian_interval": 5}})
     assert name == "sophia"
     assert params == {"lr": 2e-4, "betas": [0.965, 0.99], "rho": 0.04, "eps": 1e-15,
-                      "hessian_interval": 5, "estimator": "gnb", "bs": None}
+                      "hessian_interval": 5, "estimator": "gnb", "hessian_batch_size": None, "bs": None}
     assert parse_optimizer_block({"type": "Adam", "params": {"lr": 6e-4}})[0] == "adamw"
     assert parse_optimizer_block(None) == ("adamw", {"lr": 1e-3, "betas": [0.9, 0.999], "eps": 1e-8})
     cases = [
@@ -391,3 +391,18 @@ def test_quickstart_config_is_self_contained():
     cfg = load(os.path.join(ROOT, "configs", "quickstart.yml"))
     assert cfg.optimizer.type == "sophia" and cfg.training.train_iters
     assert cfg.parallel.pipe_parallel_size == 0 and cfg.engine.resolved_precision == "fp32"
+
+
+def test_hessian_batch_default_is_half_the_accumulation_steps(write):
+    base = MODEL.replace(',\n  "train_micro_batch_size_per_gpu": 4', "")[:-1]
+    cfg = load(write("a.yml", base + ', "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 4}'),
+               write("o.yml", SOPHIA))
+    assert cfg.hessian_batch(world_size=2) == (8, 2)  # 2 of 4 micro-batches per rank, 2 ranks x 2 sequences
+    assert cfg.hessian_tokens(world_size=2) == 8 * 32
+    one = load(write("b.yml", base + ', "train_micro_batch_size_per_gpu": 2}'), write("p.yml", SOPHIA))
+    assert one.hessian_batch(world_size=1) == (2, 1)  # at least one micro-batch
+    sized = load(write("c.yml", base + ', "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 4}'),
+                 write("q.yml", SOPHIA), overrides=["optimizer.params.hessian_batch_size=12"])
+    assert sized.hessian_batch(world_size=2) == (12, 3)
+    with pytest.raises(ConfigError, match="hessian_batch_size 12 is not a multiple"):
+        sized.hessian_batch(world_size=4)

@@ -27,10 +27,14 @@ def corpus(tmp_path_factory):
 
 
 def overrides(corpus, run_dir, **extra):
+    # 4 sequences per step as 2 micro-batches of 2; the Hessian batch is 2 sequences (half), set
+    # explicitly so that it stays the same when a test changes the micro-batch split
     values = {"data_path": corpus.data_prefix, "vocab_file": corpus.tokenizer, "seq_length": 32,
-              "max_position_embeddings": 32, "train_micro_batch_size_per_gpu": 4, "train_iters": 12,
+              "max_position_embeddings": 32, "train_micro_batch_size_per_gpu": 2,
+              "gradient_accumulation_steps": 2, "train_iters": 12,
               "lr_decay_iters": 12, "log_interval": 1, "eval_interval": 6, "eval_iters": 2,
               "optimizer.params.hessian_interval": 3, "optimizer.params.lr": 2.0e-3,
+              "optimizer.params.hessian_batch_size": 2,
               "save": os.path.join(run_dir, "ckpt"), "load": os.path.join(run_dir, "ckpt"),
               "checkpoint_factor": 100, "log_dir": os.path.join(run_dir, "logs")}
     values.update(extra)
@@ -87,8 +91,7 @@ def test_two_rank_zero_matches_one_process(corpus, tmp_path, stage):
     reference = run_ranks(train_worker, 1, args=(overrides(corpus, str(tmp_path / "one"), train_iters=7,
                                                            lr_decay_iters=7, eval_iters=0),))[0]
     sets = overrides(corpus, str(tmp_path / "two"), train_iters=7, lr_decay_iters=7, eval_iters=0,
-                     train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=2,
-                     zero_optimization={"stage": stage})
+                     train_micro_batch_size_per_gpu=1, zero_optimization={"stage": stage})
     two = run_ranks(train_worker, 2, args=(sets,))
     for step in range(1, 8):
         assert two[0]["loss"][step] == pytest.approx(reference["loss"][step], rel=1e-4, abs=1e-5), step
@@ -189,7 +192,7 @@ def test_pipeline_engine_matches_plain_module(corpus, tmp_path, pipe, world):
 
 def test_launch_runs_train_on_two_cpu_ranks_through_the_deepspeed_runner(corpus, tmp_path):
     sets = overrides(corpus, str(tmp_path), train_iters=2, lr_decay_iters=2, eval_iters=0,
-                     train_micro_batch_size_per_gpu=2)
+                     train_micro_batch_size_per_gpu=1)
     launched = cli(["launch", "--num-gpus", "2", QUICKSTART] + [a for s in sets for a in ("--set", s)])
     assert launched.returncode == 0, launched.stderr[-3000:]
     assert "--no_local_rank --module neox_sophia.cli train" in launched.stderr
@@ -200,7 +203,7 @@ def test_launch_runs_train_on_two_cpu_ranks_through_the_deepspeed_runner(corpus,
                     reason="no mpirun next to this Python (the mpich wheel of the test extra provides one)")
 def test_train_under_mpirun_matches_one_process(corpus, tmp_path):
     sets = overrides(corpus, str(tmp_path / "mpi"), train_iters=3, lr_decay_iters=3, eval_iters=0,
-                     train_micro_batch_size_per_gpu=2)
+                     train_micro_batch_size_per_gpu=1)
     mpirun = shutil.which("mpirun", path=os.path.dirname(sys.executable))
     done = subprocess.run([mpirun, "-n", "2", sys.executable, "-m", "neox_sophia.cli", "train", QUICKSTART]
                           + [a for s in sets for a in ("--set", s)], capture_output=True, text=True, timeout=300,
@@ -221,7 +224,7 @@ def test_tensor_parallel_sophia_matches_one_process(corpus, tmp_path, tp, pipe, 
     reference = run_ranks(train_worker, 1, args=(overrides(corpus, str(tmp_path / "one"), **common),))[0]
     dp = world // tp
     sets = overrides(corpus, str(tmp_path / "tp"), model_parallel_size=tp, pipe_parallel_size=pipe,
-                     train_micro_batch_size_per_gpu=4 // dp, zero_optimization={"stage": stage}, **common)
+                     train_micro_batch_size_per_gpu=2 // dp, zero_optimization={"stage": stage}, **common)
     out = run_ranks(train_worker, world, args=(sets,))
     assert out[0]["hessian_updates"] == 2
     for step in range(1, 7):
@@ -229,3 +232,57 @@ def test_tensor_parallel_sophia_matches_one_process(corpus, tmp_path, tp, pipe, 
         assert out[0]["loss"][step] == pytest.approx(reference["loss"][step], rel=1e-4), step
     for name, w in reference["weights"].items():
         torch.testing.assert_close(out[0]["weights"][name], w, rtol=1e-3, atol=2e-3, msg=name)
+
+
+def test_a_different_micro_batch_split_trains_the_same(corpus, tmp_path):
+    common = dict(train_iters=6, lr_decay_iters=6, eval_iters=0)
+    reference = run_ranks(train_worker, 1, args=(overrides(corpus, str(tmp_path / "a"), **common),))[0]
+    split = run_ranks(train_worker, 1, args=(overrides(corpus, str(tmp_path / "b"), train_micro_batch_size_per_gpu=1,
+                                                       gradient_accumulation_steps=4, **common),))[0]
+    for step in range(1, 7):
+        assert split["loss"][step] == pytest.approx(reference["loss"][step], rel=1e-4), step
+
+
+def hessian_step_worker(rank, world_size, sets):
+    """One training step, then one Hessian step: what the Hessian step may and may not change."""
+    from neox_sophia.config import load_config
+    from neox_sophia.training.loop import setup
+    from neox_sophia.training.steps import hessian_uniforms, pipeline_hessian_step, plain_hessian_step
+
+    run = setup(load_config([QUICKSTART], sets, warn=False))
+    from neox_sophia.training.loop import RunResult, _one_step
+
+    _one_step(run, 0, RunResult(0))  # step 0: a real update (k=3: no Hessian step yet)
+    snap = lambda: {k: v.detach().clone() for k, v in run.engine.module.named_parameters()}  # noqa: E731
+    state = lambda key: [s[key].clone() for s in run.optimizer.state.values()]  # noqa: E731
+    before = dict(params=snap(), exp_avg=state("exp_avg"), hessian=state("hessian"),
+                  counters=(run.engine.global_steps, run.engine.global_samples, run.engine.micro_steps),
+                  lr=run.scheduler.get_last_lr(), sched=run.scheduler.state_dict(),
+                  step=[s["step"].clone() for s in run.optimizer.state.values()])
+    batches = run.hessian_micro_batches(0)
+    fn = pipeline_hessian_step if run.pipeline else plain_hessian_step
+    fn(run.engine, run.optimizer, batches, hessian_uniforms(1234, 0, batches, 32), run.vocab_size)
+    after_params = snap()
+    return {"params_same": all(torch.equal(before["params"][k], after_params[k]) for k in after_params),
+            "exp_avg_same": all(torch.equal(a, b) for a, b in zip(before["exp_avg"], state("exp_avg"))),
+            "hessian_changed": any(not torch.equal(a, b) for a, b in zip(before["hessian"], state("hessian"))),
+            "counters_same": before["counters"] == (run.engine.global_steps, run.engine.global_samples,
+                                                    run.engine.micro_steps),
+            "lr_same": before["lr"] == run.scheduler.get_last_lr() and before["sched"] == run.scheduler.state_dict(),
+            "step_same": all(torch.equal(a, b["step"]) for a, b in zip(before["step"], run.optimizer.state.values())),
+            "micro_batches": len(batches)}
+
+
+@pytest.mark.parametrize("pipe,precision,stage", [(0, "fp32", 0), (0, "bfloat16", 1), (1, "fp32", 1),
+                                                  (1, "bfloat16", 0)])
+def test_the_hessian_step_changes_only_the_hessian(corpus, tmp_path, pipe, precision, stage):
+    """No parameter change (so no weight decay), exp_avg and Sophia's step count untouched, engine
+    step/sample/micro-step counters and the LR schedule not advanced; the hessian EMA (in the fp32
+    master partition under bf16) moves. Half the accumulation steps by default."""
+    sets = [s for s in overrides(corpus, str(tmp_path), eval_iters=0) if "hessian_batch_size" not in s]
+    sets += [f"pipe_parallel_size={pipe}", f"precision={precision}", f"zero_optimization={{stage: {stage}}}",
+             "gradient_accumulation_steps=4", "train_micro_batch_size_per_gpu=1"]
+    out = run_ranks(hessian_step_worker, 1, args=(sets,))[0]
+    assert out["micro_batches"] == 2  # half of 4 accumulation steps
+    for key in ("params_same", "exp_avg_same", "hessian_changed", "counters_same", "lr_same", "step_same"):
+        assert out[key], key

@@ -100,9 +100,27 @@ class NeoXConfig:
         return LRSchedule(lr=lr, min_lr=self.training.min_lr, decay_iters=decay,
                           warmup=self.training.warmup, style=self.training.lr_decay_style)
 
+    def hessian_batch(self, world_size: Optional[int] = None) -> tuple:
+        """(sequences in the global Hessian batch, micro-batches per data-parallel rank).
+
+        optimizer.params.hessian_batch_size sets the sequences; it must be a whole number of
+        micro-batches on every rank. Unset: half the accumulation steps (at least one) per rank,
+        as the paper's Sophia-G used 240 of 480 sequences. Setting it keeps the Hessian batch the
+        same when the micro-batch split changes."""
+        lay = self.layout(world_size)
+        per_micro = lay.micro_batch_size * lay.dp
+        size = self.optimizer.params.get("hessian_batch_size")
+        if size is None:
+            return max(1, lay.gradient_accumulation_steps // 2) * per_micro, max(1, lay.gradient_accumulation_steps // 2)
+        if size % per_micro:
+            raise self._error(ConfigError(
+                f"optimizer: hessian_batch_size {size} is not a multiple of train_micro_batch_size_per_gpu "
+                f"{lay.micro_batch_size} x data-parallel size {lay.dp}", "optimizer"))
+        return size, size // per_micro
+
     def hessian_tokens(self, world_size: Optional[int] = None) -> int:
-        """Sophia's default ``bs``: the tokens of one global batch (the Hessian batch)."""
-        return self.layout(world_size).train_batch_size * self.model.seq_length
+        """Sophia's default ``bs``: the tokens of the global Hessian batch."""
+        return self.hessian_batch(world_size)[0] * self.model.seq_length
 
     def deepspeed_config(self, world_size: Optional[int] = None) -> Dict[str, Any]:
         """The DeepSpeed config: batch triple, clipping, ZeRO, precision. The optimizer is a client

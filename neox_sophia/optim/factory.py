@@ -48,7 +48,7 @@ def _build_adamw(groups: List[dict], p: Dict[str, Any]) -> torch.optim.Optimizer
 OPTIMIZERS: Dict[str, OptimizerSpec] = {
     "sophia": OptimizerSpec(
         defaults={"lr": 1e-4, "betas": [0.965, 0.99], "rho": 0.04, "eps": 1e-15, "hessian_interval": 10,
-                  "estimator": "gnb", "bs": None},
+                  "estimator": "gnb", "hessian_batch_size": None, "bs": None},
         build=_build_sophia, hessian_interval_key="hessian_interval"),
     "adamw": OptimizerSpec(defaults={"lr": 1e-3, "betas": [0.9, 0.999], "eps": 1e-8}, build=_build_adamw),
 }
@@ -58,7 +58,7 @@ ALIASES = {"adam": "adamw"}
 NEOX_DEFAULT_OPTIMIZER = {"type": "adam", "params": {"lr": 1e-3, "betas": [0.9, 0.999], "eps": 1e-8}}
 
 _PARAM_TYPES = {"lr": float, "rho": float, "eps": float, "hessian_interval": int, "estimator": str,
-                "bs": int, "betas": list}
+                "hessian_batch_size": int, "bs": int, "betas": list}
 
 
 def _suggest(word: str, choices) -> str:
@@ -114,8 +114,9 @@ def _validate_params(name: str, p: Dict[str, Any]) -> None:
             raise bad("hessian_interval", "must be >= 1 (k: steps between Hessian refreshes)")
         if p["estimator"] not in ESTIMATORS:
             raise bad("estimator", f"must be one of {sorted(ESTIMATORS)}")
-        if p["bs"] is not None and not p["bs"] > 0:
-            raise bad("bs", "must be positive")
+        for key in ("bs", "hessian_batch_size"):
+            if p[key] is not None and not p[key] > 0:
+                raise bad(key, "must be positive")
 
 
 def weight_decay_groups(model: nn.Module, weight_decay: float) -> List[dict]:

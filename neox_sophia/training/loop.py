@@ -6,8 +6,9 @@
     loop:  train step; every hessian_interval steps the Sophia Hessian step (step % k == k-1,
            after that step's update, on samples no training step uses); log; eval; checkpoint.
 
-The Hessian batch of refresh j is the global samples of "step" train_iters + j of the training
-stream: fresh data, a function of the global sample index only.
+The Hessian batch of refresh j is H global samples (optimizer.params.hessian_batch_size; by
+default half a training batch) taken after the training stream's train_iters x B samples: fresh
+data, a function of the global sample index only.
 """
 from __future__ import annotations
 
@@ -64,6 +65,17 @@ class Run:
         params = self.cfg.optimizer.params
         return params.get("hessian_interval") if self.cfg.optimizer.type == "sophia" else None
 
+    def hessian_micro_batches(self, refresh: int) -> list:
+        """This rank's share of Hessian batch ``refresh``: the global samples
+        [base, base + H) after the training stream's train_iters x B samples, H the Hessian batch
+        size, in (micro_step, dp_rank) order like a training step."""
+        lay, g, cfg = self.layout, self.grid, self.cfg
+        size, micro_steps = cfg.hessian_batch(lay.world_size)
+        base = cfg.training.train_iters * lay.train_batch_size + refresh * size
+        mb = lay.micro_batch_size
+        return [collate(self.train_data, range(base + (m * lay.dp + g.dp_rank) * mb, base + (m * lay.dp + g.dp_rank + 1) * mb),
+                        self.device) for m in range(micro_steps)]
+
     def micro_batches(self, dataset, step: int, grad_accum: int) -> list:
         lay, g = self.layout, self.grid
         return [collate(dataset, sample_indices(step, m, g.dp_rank, lay.dp, lay.micro_batch_size, grad_accum),
@@ -98,8 +110,8 @@ def setup(cfg: NeoXConfig) -> Run:
     padded = cfg.padded_vocab_size(tokenizer.vocab_size)
     torch.manual_seed(cfg.training.seed)
     model = build_model(cfg.model, cfg.parallel, padded, grid, cfg.training.seed).to(device)
-    optimizer = build_optimizer(cfg.optimizer.optimizer, weight_decay_groups(model, cfg.optimizer.weight_decay),
-                                bs=layout.train_batch_size * cfg.model.seq_length)
+    bs = cfg.hessian_tokens(layout.world_size) if cfg.optimizer.type == "sophia" else None
+    optimizer = build_optimizer(cfg.optimizer.optimizer, weight_decay_groups(model, cfg.optimizer.weight_decay), bs=bs)
     # A PipelineModule brings its own grid; a plain module gets megatron-core's groups.
     mpu = None if cfg.parallel.pipe_parallel_size >= 1 else MegatronMPU()
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, mpu=mpu,
@@ -115,9 +127,9 @@ def _datasets(cfg: NeoXConfig, layout, tokenizer):
 
     t = cfg.training
     interval = cfg.optimizer.params.get("hessian_interval") if cfg.optimizer.type == "sophia" else None
-    hessian_batches = t.train_iters // interval + 1 if interval else 0
+    hessian_samples = (t.train_iters // interval + 1) * cfg.hessian_batch(layout.world_size)[0] if interval else 0
     evals = t.train_iters // cfg.logging.eval_interval + 1
-    num_samples = ((t.train_iters + hessian_batches) * layout.train_batch_size,
+    num_samples = (t.train_iters * layout.train_batch_size + hessian_samples,
                    evals * cfg.logging.eval_iters * layout.micro_batch_size * layout.dp, 0)
     train, valid, _ = build_datasets(cfg.data, seq_length=cfg.model.seq_length, seed=t.seed,
                                      num_samples=num_samples, tokenizer=tokenizer)
@@ -181,7 +193,7 @@ def _one_step(run: Run, step: int, result: RunResult) -> bool:
     result.grad_norm = _grad_norm(run.engine)  # before the Hessian step clips its own gradient
     k = run.hessian_interval
     if k and step % k == k - 1:
-        hessian = run.micro_batches(run.train_data, cfg.training.train_iters + step // k, lay.gradient_accumulation_steps)
+        hessian = run.hessian_micro_batches(step // k)
         u = hessian_uniforms(cfg.training.seed, step // k, hessian, cfg.model.seq_length)
         fn = pipeline_hessian_step if run.pipeline else plain_hessian_step
         fn(run.engine, run.optimizer, hessian, u, run.vocab_size, tensor_parallel_group())

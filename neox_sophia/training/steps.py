@@ -43,7 +43,7 @@ def redirected_step(engine, client_optimizer, replacement: Callable[[], None],
                     restore_counters: bool = True) -> Iterator[None]:
     """Within the block, the engine's optimizer step calls ``replacement`` instead of the client
     optimizer's step; the engine's step/sample counters are restored on exit unless told not to."""
-    steps, samples = engine.global_steps, engine.global_samples
+    steps, samples, micro = engine.global_steps, engine.global_samples, engine.micro_steps
     own = vars(client_optimizer).get("step")
     client_optimizer.step = lambda *args, **kwargs: replacement()
     try:
@@ -54,7 +54,7 @@ def redirected_step(engine, client_optimizer, replacement: Callable[[], None],
         else:
             client_optimizer.step = own
         if restore_counters:
-            engine.global_steps, engine.global_samples = steps, samples
+            engine.global_steps, engine.global_samples, engine.micro_steps = steps, samples, micro
 
 
 def all_finite(value: torch.Tensor) -> bool:
@@ -105,19 +105,23 @@ def plain_train_step(engine, client_optimizer, batches: List[MicroBatch], dp_gro
 
 def plain_hessian_step(engine, client_optimizer, batches: List[MicroBatch], uniforms: List[torch.Tensor],
                        vocab_size: int, tp_group=None) -> float:
-    """Sophia-G's Hessian refresh on a plain module: sampled-label loss, backward, and an engine
-    step whose optimizer call is update_hessian(). Returns the sampled-label loss."""
+    """Sophia-G's Hessian refresh on a plain module: sampled-label loss on ``batches`` (any number
+    of micro-batches, often fewer than a training step's), backward, and one engine step whose
+    optimizer call is update_hessian(). The engine divides each backward by the accumulation
+    steps; the loss is rescaled so the gradient is the mean over the Hessian batch."""
     engine.train()
     losses = []
-    for batch, u in zip(batches, uniforms):
-        loss = sampled_label_loss(engine(batch.tokens), u, batch.loss_mask, vocab_size, tp_group)
-        engine.backward(loss)
-        if batch is batches[-1]:
-            with redirected_step(engine, client_optimizer, client_optimizer.update_hessian):
-                engine.step()
-        else:
+    rescale = engine.gradient_accumulation_steps() / len(batches)
+    try:
+        for batch, u in zip(batches, uniforms):
+            engine.set_gradient_accumulation_boundary(batch is batches[-1])
+            loss = sampled_label_loss(engine(batch.tokens), u, batch.loss_mask, vocab_size, tp_group)
+            engine.backward(loss * rescale)
+            losses.append(loss.detach())
+        with redirected_step(engine, client_optimizer, client_optimizer.update_hessian):
             engine.step()
-        losses.append(loss.detach())
+    finally:
+        engine.set_gradient_accumulation_boundary(None)  # back to DeepSpeed's own micro-step count
     return float(torch.stack(losses).mean())
 
 
@@ -149,24 +153,25 @@ def pipeline_train_step(engine, client_optimizer, batches: List[MicroBatch]) -> 
 
 def pipeline_hessian_step(engine, client_optimizer, batches: List[MicroBatch], uniforms: List[torch.Tensor],
                           vocab_size: int, tp_group=None) -> float:
-    """The Hessian refresh under the PipelineEngine: the last stage's loss function samples labels
-    (the uniforms travel in the labels slot of the batch), and the schedule's optimizer step is
-    redirected to update_hessian()."""
+    """The Hessian refresh under the PipelineEngine: the schedule runs len(batches) micro-batches,
+    the last stage's loss function samples labels (the uniforms travel in the labels slot of the
+    batch), and the schedule's optimizer step is redirected to update_hessian()."""
     module = engine.module
-    original = module.loss_fn
+    original, micro_batches = module.loss_fn, engine.micro_batches
+    rescale = engine.gradient_accumulation_steps() / len(batches)
 
     def gnb(logits, uniforms_and_mask):
         u, mask = uniforms_and_mask
-        return sampled_label_loss(logits, u, mask, vocab_size, tp_group)
+        return sampled_label_loss(logits, u, mask, vocab_size, tp_group) * rescale
 
-    module.loss_fn = gnb
+    module.loss_fn, engine.micro_batches = gnb, len(batches)
     try:
         data = iter([(b.tokens, (u, b.loss_mask)) for b, u in zip(batches, uniforms)])
         with redirected_step(engine, client_optimizer, client_optimizer.update_hessian):
             loss = engine.train_batch(data_iter=data)
     finally:
-        module.loss_fn = original
-    return float(loss)
+        module.loss_fn, engine.micro_batches = original, micro_batches
+    return float(loss) / rescale
 
 
 def hessian_uniforms(seed: int, hessian_step: int, batches: List[MicroBatch], seq_length: int) -> List[torch.Tensor]:

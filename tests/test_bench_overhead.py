@@ -1,0 +1,31 @@
+"""tools/bench_overhead.py runs Sophia and AdamW side by side and reports the Hessian overhead."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+pytestmark = pytest.mark.distributed
+
+
+def test_bench_overhead_reports_both_optimizers(tmp_path):
+    from neox_sophia.data.corpus import prepare_builtin_corpus
+
+    corpus = prepare_builtin_corpus(tmp_path / "corpus", max_bytes=500_000, vocab_size=512, log=None)
+    sets = [f"data_path={corpus.data_prefix}", f"vocab_file={corpus.tokenizer}", "seq_length=32",
+            "max_position_embeddings=32", "train_micro_batch_size_per_gpu=2", "gradient_accumulation_steps=2",
+            "eval_iters=0"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "bench_overhead.py"),
+                           os.path.join(ROOT, "configs", "quickstart.yml"), "--blocks", "1", "--k", "2", "--json"]
+                          + [a for s in sets for a in ("--set", s)], capture_output=True, text=True, timeout=300,
+                          cwd=ROOT, env={**env, "DS_ACCELERATOR": "cpu"}, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["k"] == 2 and result["layout"]["hessian_batch_size"] == 2
+    assert result["adamw_ms_per_iteration"] > 0 and result["sophia_ms_per_iteration"] > 0
+    assert result["overhead_pct"] == pytest.approx(
+        100 * (result["sophia_ms_per_iteration"] / result["adamw_ms_per_iteration"] - 1))
