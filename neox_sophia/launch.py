@@ -2,7 +2,8 @@
 
     neox-sophia launch --num-gpus 8 --hostfile hosts configs/1-5B.yml configs/sophia.yml ...
 
-becomes `deepspeed --num_gpus 8 --hostfile hosts --module neox_sophia.cli train CONFIG...`.
+becomes `python -m deepspeed.launcher.runner --num_gpus 8 --hostfile hosts --module
+neox_sophia.cli train CONFIG...` (the `deepspeed` command, run by this Python).
 Command-line flags win over the config's launch keys (hostfile, include, exclude, num_nodes,
 num_gpus, master_port, master_addr, launcher, force_multi, no_ssh_check), as in NeoX's deepy.py.
 On a CPU machine `--num-gpus N` starts N local CPU ranks (gloo).
@@ -10,7 +11,6 @@ On a CPU machine `--num-gpus N` starts N local CPU ranks (gloo).
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 from typing import List
 
@@ -32,7 +32,8 @@ def runner_command(cfg, args: argparse.Namespace) -> List[str]:
     """The deepspeed runner's argv for this config and these flags."""
     launch = cfg.launch
     pick = lambda flag, key: flag if flag is not None else getattr(launch, key)  # noqa: E731
-    cmd = [shutil.which("deepspeed") or "deepspeed"]
+    # the runner of this Python's deepspeed, whether or not its bin/ is on PATH
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner"]
     options = [("--num_gpus", pick(args.num_gpus, "num_gpus")),
                ("--num_nodes", pick(args.num_nodes, "num_nodes") if pick(args.num_nodes, "num_nodes") != -1 else None),
                ("--hostfile", pick(args.hostfile, "hostfile")),

@@ -24,10 +24,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank: int, world_size: int, port: int, outdir: str, fn: Callable, args: Sequence[Any]):
+def _entry(rank: int, world_size: int, port: int, outdir: str, fn: Callable, args: Sequence[Any],
+           accelerator: str = "cpu"):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
+                      MASTER_PORT=str(port), DS_ACCELERATOR=accelerator)
     torch.set_num_threads(1)  # N ranks share this machine's cores
     result = fn(rank, world_size, *args)
     torch.save(result, os.path.join(outdir, f"rank{rank}.pt"))
@@ -36,9 +37,10 @@ def _entry(rank: int, world_size: int, port: int, outdir: str, fn: Callable, arg
         torch.distributed.destroy_process_group()
 
 
-def run_ranks(fn: Callable, world_size: int, args: Sequence[Any] = ()) -> List[Any]:
+def run_ranks(fn: Callable, world_size: int, args: Sequence[Any] = (), accelerator: str = "cpu") -> List[Any]:
+    """``accelerator``: DeepSpeed's ("cpu", or "cuda" for tests marked gpu)."""
     with tempfile.TemporaryDirectory() as outdir:
-        mp.start_processes(_entry, args=(world_size, free_port(), outdir, fn, tuple(args)),
+        mp.start_processes(_entry, args=(world_size, free_port(), outdir, fn, tuple(args), accelerator),
                            nprocs=world_size, join=True, start_method="spawn")
         return [torch.load(os.path.join(outdir, f"rank{r}.pt"), weights_only=True)
                 for r in range(world_size)]

@@ -1,6 +1,7 @@
 """How a rank finds its place (deepspeed/torchrun, mpirun, srun) and what `launch` runs."""
 import argparse
 import os
+import sys
 
 import pytest
 
@@ -57,7 +58,8 @@ def test_runner_command_flags_win_over_config_keys():
     cfg = load_config([os.path.join(ROOT, "configs", "quickstart.yml")],
                       ["hostfile=/etc/hosts.cfg", "num_gpus=4", "launcher=slurm"], warn=False)
     cmd = runner_command(cfg, args(num_gpus=8))
-    assert cmd[1:] == ["--num_gpus", "8", "--hostfile", "/etc/hosts.cfg", "--master_port", "29500",
+    assert cmd[:3] == [sys.executable, "-m", "deepspeed.launcher.runner"]
+    assert cmd[3:] == ["--num_gpus", "8", "--hostfile", "/etc/hosts.cfg", "--master_port", "29500",
                        "--launcher", "slurm", "--no_local_rank", "--module", "neox_sophia.cli", "train",
                        "a.yml", "--set", "train_iters=5"]
     local = runner_command(load_config([os.path.join(ROOT, "configs", "quickstart.yml")], warn=False),

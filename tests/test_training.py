@@ -219,15 +219,21 @@ def test_train_under_mpirun_matches_one_process(corpus, tmp_path):
 @pytest.mark.parametrize("tp,pipe,world,stage", [(2, 0, 2, 0), (2, 1, 4, 1)])
 def test_tensor_parallel_sophia_matches_one_process(corpus, tmp_path, tp, pipe, world, stage):
     """Sophia-G with vocab-parallel label sampling: TP=2 (and TP=2 x DP=2 under the PipelineEngine
-    with ZeRO-1) trains like one process, Hessian steps included."""
-    common = dict(train_iters=6, lr_decay_iters=6, eval_iters=0)
+    with ZeRO-1) trains like one process, Hessian steps included. Clipping at 0.05 is active on
+    every step, so the global gradient norm (TP shards summed, replicated norms counted once)
+    must be right for the losses to agree; the logged norms are compared too."""
+    common = dict(train_iters=6, lr_decay_iters=6, eval_iters=0, gradient_clipping=0.05)
     reference = run_ranks(train_worker, 1, args=(overrides(corpus, str(tmp_path / "one"), **common),))[0]
     dp = world // tp
     sets = overrides(corpus, str(tmp_path / "tp"), model_parallel_size=tp, pipe_parallel_size=pipe,
                      train_micro_batch_size_per_gpu=2 // dp, zero_optimization={"stage": stage}, **common)
     out = run_ranks(train_worker, world, args=(sets,))
     assert out[0]["hessian_updates"] == 2
+    norms = {name: {r["step"]: r["grad_norm"] for r in read_metrics(str(tmp_path / name)) if "loss" in r}
+             for name in ("one", "tp")}
+    assert all(n > 0.05 for n in norms["one"].values())  # clipping was active
     for step in range(1, 7):
+        assert norms["tp"][step] == pytest.approx(norms["one"][step], rel=1e-4), step
         # sign(m) at coordinates where m is ~0 amplifies float reduction-order differences
         assert out[0]["loss"][step] == pytest.approx(reference["loss"][step], rel=1e-4), step
     for name, w in reference["weights"].items():
@@ -284,5 +290,18 @@ def test_the_hessian_step_changes_only_the_hessian(corpus, tmp_path, pipe, preci
              "gradient_accumulation_steps=4", "train_micro_batch_size_per_gpu=1"]
     out = run_ranks(hessian_step_worker, 1, args=(sets,))[0]
     assert out["micro_batches"] == 2  # half of 4 accumulation steps
+    for key in ("params_same", "exp_avg_same", "hessian_changed", "counters_same", "lr_same", "step_same"):
+        assert out[key], key
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pipe,stage", [(0, 0), (0, 1), (1, 1)])
+def test_the_hessian_step_changes_only_the_hessian_in_fp16(corpus, tmp_path, pipe, stage):
+    """fp16 (DeepSpeed refuses it on CPU): the loss scale is removed before update_hessian() sees
+    the gradient (DeepSpeed unscales before the optimizer step), and the properties above hold."""
+    sets = [s for s in overrides(corpus, str(tmp_path), eval_iters=0) if "hessian_batch_size" not in s]
+    sets += [f"pipe_parallel_size={pipe}", "precision=fp16", f"zero_optimization={{stage: {stage}}}",
+             "gradient_accumulation_steps=4", "train_micro_batch_size_per_gpu=1"]
+    out = run_ranks(hessian_step_worker, 1, args=(sets,), accelerator="cuda")[0]
     for key in ("params_same", "exp_avg_same", "hessian_changed", "counters_same", "lr_same", "step_same"):
         assert out[key], key

@@ -1,0 +1,13 @@
+"""Tests marked `gpu` need CUDA: on a CPU machine they are reported as skipped, never silently
+dropped."""
+import pytest
+import torch
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
