@@ -110,6 +110,7 @@ def setup(cfg: NeoXConfig) -> Run:
     padded = cfg.padded_vocab_size(tokenizer.vocab_size)
     torch.manual_seed(cfg.training.seed)
     model = build_model(cfg.model, cfg.parallel, padded, grid, cfg.training.seed).to(device)
+    _count_replicated_once_per_stage(model, grid)
     bs = cfg.hessian_tokens(layout.world_size) if cfg.optimizer.type == "sophia" else None
     optimizer = build_optimizer(cfg.optimizer.optimizer, weight_decay_groups(model, cfg.optimizer.weight_decay), bs=bs)
     # A PipelineModule brings its own grid; a plain module gets megatron-core's groups.
@@ -245,6 +246,19 @@ def train_loop(run: Run, start_step: int = 0, nonfinite: int = 0) -> RunResult:
     finally:
         metrics.close()
     return result
+
+
+def _count_replicated_once_per_stage(model: torch.nn.Module, grid) -> None:
+    """DeepSpeed's fp32 gradient clipping counts a parameter that is not model-parallel only on
+    model-parallel rank 0, and under the PipelineEngine that group spans the pipeline stages too:
+    the norms, biases and other TP-replicated weights of every stage but the first would be left
+    out of the global norm. Tagging them as `model_parallel` on TP rank 0 counts each exactly once
+    (ZeRO and the bf16 optimizer already use the TP rank; for them this changes nothing)."""
+    if grid.tp_rank != 0:
+        return
+    for param in model.parameters():
+        if not getattr(param, "tensor_model_parallel", False):
+            param.model_parallel = True
 
 
 def _keep_fp32_grad_norm(engine) -> None:
