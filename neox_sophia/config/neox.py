@@ -94,11 +94,13 @@ class NeoXConfig:
         decay = self.training.decay_iters
         if decay is None:
             raise self._error(ConfigError("train_iters: not set; the LR schedule needs it"))
-        lr = self.optimizer.params["lr"]
-        if self.training.min_lr > lr:
-            raise self._error(ConfigError(f"min_lr: {self.training.min_lr} is above the lr {lr}"))
-        return LRSchedule(lr=lr, min_lr=self.training.min_lr, decay_iters=decay,
+        return LRSchedule(lr=self.optimizer.params["lr"], min_lr=self.training.min_lr, decay_iters=decay,
                           warmup=self.training.warmup, style=self.training.lr_decay_style)
+
+    @property
+    def hessian_interval(self) -> Optional[int]:
+        """Sophia's k (steps between Hessian refreshes); None for an optimizer without one."""
+        return self.optimizer.params.get("hessian_interval") if self.optimizer.type == "sophia" else None
 
     def hessian_batch(self, world_size: Optional[int] = None) -> tuple:
         """(sequences in the global Hessian batch, micro-batches per data-parallel rank).

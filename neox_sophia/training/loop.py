@@ -60,20 +60,15 @@ class Run:
     def pipeline(self) -> bool:
         return self.cfg.parallel.pipe_parallel_size >= 1
 
-    @property
-    def hessian_interval(self) -> Optional[int]:
-        params = self.cfg.optimizer.params
-        return params.get("hessian_interval") if self.cfg.optimizer.type == "sophia" else None
-
     def hessian_micro_batches(self, refresh: int) -> list:
         """This rank's share of Hessian batch ``refresh``: the global samples
         [base, base + H) after the training stream's train_iters x B samples, H the Hessian batch
-        size, in (micro_step, dp_rank) order like a training step."""
+        size, laid out over micro-steps and ranks like a training step."""
         lay, g, cfg = self.layout, self.grid, self.cfg
         size, micro_steps = cfg.hessian_batch(lay.world_size)
         base = cfg.training.train_iters * lay.train_batch_size + refresh * size
-        mb = lay.micro_batch_size
-        return [collate(self.train_data, range(base + (m * lay.dp + g.dp_rank) * mb, base + (m * lay.dp + g.dp_rank + 1) * mb),
+        return [collate(self.train_data, [base + i for i in sample_indices(0, m, g.dp_rank, lay.dp,
+                                                                            lay.micro_batch_size, micro_steps)],
                         self.device) for m in range(micro_steps)]
 
     def micro_batches(self, dataset, step: int, grad_accum: int) -> list:
@@ -127,7 +122,7 @@ def _datasets(cfg: NeoXConfig, layout, tokenizer):
     from neox_sophia.data.datasets import build_datasets
 
     t = cfg.training
-    interval = cfg.optimizer.params.get("hessian_interval") if cfg.optimizer.type == "sophia" else None
+    interval = cfg.hessian_interval
     hessian_samples = (t.train_iters // interval + 1) * cfg.hessian_batch(layout.world_size)[0] if interval else 0
     evals = t.train_iters // cfg.logging.eval_interval + 1
     num_samples = (t.train_iters * layout.train_batch_size + hessian_samples,
@@ -192,7 +187,7 @@ def _one_step(run: Run, step: int, result: RunResult) -> bool:
     if outcome.finite:
         run.scheduler.step()
     result.grad_norm = _grad_norm(run.engine)  # before the Hessian step clips its own gradient
-    k = run.hessian_interval
+    k = run.cfg.hessian_interval
     if k and step % k == k - 1:
         hessian = run.hessian_micro_batches(step // k)
         u = hessian_uniforms(cfg.training.seed, step // k, hessian, cfg.model.seq_length)
@@ -213,9 +208,9 @@ def train_loop(run: Run, start_step: int = 0, nonfinite: int = 0) -> RunResult:
     step = start_step
     try:
         while step < t.train_iters:
-            k = run.hessian_interval
-            hessian_update = bool(k and step % k == k - 1)
+            refreshes = result.hessian_updates
             applied = _one_step(run, step, result)
+            hessian_update = result.hessian_updates > refreshes
             step += 1
             window_steps += 1
             in_a_row = 0 if applied else in_a_row + 1

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Callable, Iterator, List, Optional
+from typing import Callable, Iterator, List
 
 import torch
 import torch.distributed as dist
@@ -186,13 +186,3 @@ def evaluate(engine, batches: List[MicroBatch], pipeline: bool, dp_group=None) -
         return float(engine.eval_batch(data_iter=data, num_micro_batches=len(batches)))
     losses = [lm_loss(engine(b.tokens), b.labels, b.loss_mask) for b in batches]
     return mean_across(torch.stack(losses).mean(), dp_group)
-
-
-def find_client_optimizer(engine) -> Optional[torch.optim.Optimizer]:
-    """The optimizer we built, under DeepSpeed's wrappers (ZeRO, bf16, fp16)."""
-    opt = engine.optimizer
-    while opt is not None and not isinstance(opt, torch.optim.Optimizer):
-        opt = getattr(opt, "optimizer", None)
-    if opt is not None and hasattr(opt, "optimizer") and isinstance(opt.optimizer, torch.optim.Optimizer):
-        return opt.optimizer
-    return opt
