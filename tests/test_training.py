@@ -169,6 +169,8 @@ def test_bad_input_is_one_clear_line(corpus, tmp_path):
     (corrupt / "mp_rank_00_model_states.pt").write_bytes(b"not a checkpoint")
     bad = run(f"load={tmp_path / 'corrupt'}")
     assert bad.returncode == 2 and "could not be read" in bad.stderr and "Traceback" not in bad.stderr
+    hutchinson = run("optimizer.params.estimator=hutchinson")
+    assert hutchinson.returncode == 2 and "trainer implements 'gnb'" in hutchinson.stderr
     for pipe in (0, 1):  # the plain engine checks the loss, the PipelineEngine the gradients
         diverged = run("optimizer.params.lr=1.0e+30", "max_nonfinite_steps=2", "gradient_clipping=0.0",
                        f"pipe_parallel_size={pipe}")

@@ -82,6 +82,6 @@ def hutchinson(loss: Tensor, params: Sequence[Tensor],
     return [by_param.get(id(p), torch.zeros_like(p)) for p in params]
 
 
-# The YAML name of each estimator (optimizer.params.estimator) -> its function. The training
-# loop's Hessian step dispatches on this.
+# The YAML names optimizer.params.estimator accepts -> their functions. The trainer runs "gnb"
+# (through the vocab-parallel sampler) and refuses the others at setup.
 ESTIMATORS = {"gnb": gnb_loss, "hutchinson": hutchinson}

@@ -99,6 +99,10 @@ def setup(cfg: NeoXConfig) -> Run:
     layout = cfg.layout(dist.get_world_size())
     if cfg.training.train_iters is None:
         raise TrainingError("train_iters: not set; say how many optimizer steps to train")
+    if cfg.optimizer.type == "sophia" and cfg.optimizer.params["estimator"] != "gnb":
+        raise TrainingError(f"optimizer.params.estimator: the trainer implements 'gnb' (Sophia-G); "
+                            f"'{cfg.optimizer.params['estimator']}' needs a double backward and is available "
+                            f"for single-process use as neox_sophia.optim.hessian.hutchinson")
     grid = initialize_model_parallel(cfg.parallel.model_parallel_size, cfg.parallel.pipeline_stages)
     data = cfg.data
     tokenizer = build_tokenizer(data.tokenizer_type, data.vocab_file, data.merge_file)
