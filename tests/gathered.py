@@ -1,0 +1,42 @@
+"""The optimizer state of a running engine by global parameter name, at full size.
+
+An independent reference for layout tests (and for the checkpoint tools' readers): ZeRO-1/2 and
+the bf16 optimizer keep each state tensor as slices of flat fp32 partitions, which DeepSpeed's
+own fragment API reassembles over data parallelism; a plain fp32 engine keys the state by the
+parameter. TP shards are then concatenated along the parameter's partition dim. Each pipeline
+stage returns its own names (merge the dicts of all ranks).
+"""
+from __future__ import annotations
+
+from typing import Dict, Sequence
+
+import torch
+
+
+def optimizer_state_by_name(engine, optimizer, keys: Sequence[str] = ("exp_avg", "hessian")
+                            ) -> Dict[str, Dict[str, torch.Tensor]]:
+    from deepspeed.utils import safe_get_full_optimizer_state
+
+    from neox_sophia.model.gpt_neox import global_named_parameters
+    from neox_sophia.parallel.topology import gather_tensor_parallel
+
+    wrapper = engine.optimizer
+    if hasattr(wrapper, "_lazy_init_hp_params_optimizer_state"):
+        # ZeRO-1/2 link each parameter to its optimizer-state slices right after the first
+        # param group's first step, before an optimizer that creates state lazily (Sophia, torch
+        # Adam) has any for the other groups: link again now that every group has stepped.
+        wrapper._hp_optimizer_states_linked = False
+        wrapper._lazy_init_hp_params_optimizer_state()
+    out = {}
+    for name, param in global_named_parameters(engine.module):
+        entry = {}
+        for key in keys:
+            value = safe_get_full_optimizer_state(param, key)
+            if value is None:  # no ZeRO and no mixed-precision wrapper
+                value = optimizer.state[param][key]
+            value = value.detach().float().reshape(param.shape)
+            if getattr(param, "tensor_model_parallel", False):
+                value = gather_tensor_parallel(value, dim=param.partition_dim)
+            entry[key] = value.clone()
+        out[name] = entry
+    return out
