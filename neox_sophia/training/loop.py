@@ -103,6 +103,15 @@ def setup(cfg: NeoXConfig) -> Run:
         raise TrainingError(f"optimizer.params.estimator: the trainer implements 'gnb' (Sophia-G); "
                             f"'{cfg.optimizer.params['estimator']}' needs a double backward and is available "
                             f"for single-process use as neox_sophia.optim.hessian.hutchinson")
+    if cfg.engine.resolved_precision == "fp16" and cfg.engine.zero_stage == 0:
+        # DeepSpeed 0.19's engine.backward() applies the loss scale only for ZeRO optimizers, but
+        # its non-ZeRO fp16 optimizers divide the gradients by it all the same (deepspeedai/
+        # DeepSpeed PR #8393, open): every gradient would reach Sophia loss_scale times too small
+        # (measured: 65536x), which Sophia, unlike Adam, is not invariant to.
+        raise TrainingError("zero_optimization: fp16 needs ZeRO stage 1 or 2 with this DeepSpeed: at stage 0 "
+                            "it never applies the loss scale but still divides the gradients by it "
+                            "(deepspeedai/DeepSpeed PR #8393); set zero_optimization.stage to 1 (it works "
+                            "with pipe parallelism too), or use bf16")
     grid = initialize_model_parallel(cfg.parallel.model_parallel_size, cfg.parallel.pipeline_stages)
     data = cfg.data
     tokenizer = build_tokenizer(data.tokenizer_type, data.vocab_file, data.merge_file)
