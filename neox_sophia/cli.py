@@ -12,6 +12,10 @@
                                jsonl -> Megatron indexed dataset (GPT-NeoX's arguments)
     neox-sophia corpus --output-dir data/stdlib
                                build the offline default corpus and its tokenizer
+    neox-sophia convert consolidate|to-hf|from-hf ...
+                               checkpoints between layouts and Hugging Face (see convert/cli.py)
+    neox-sophia inspect SAVE_DIR
+                               a checkpoint's layout, step, tensors and optimizer state
 """
 from __future__ import annotations
 
@@ -150,18 +154,21 @@ def _launch(args: argparse.Namespace) -> int:
     return launch.run(cfg, args)
 
 
-def _delegate(module: str):
-    """A subcommand whose arguments and runner live in ``module`` (add_arguments, run)."""
+def _delegate(module: str, add: str = "add_arguments", run: str = "run"):
+    """A subcommand whose arguments and runner live in ``module`` (imported only when used)."""
     import importlib
 
-    return (lambda parser: importlib.import_module(module).add_arguments(parser),
-            lambda args: importlib.import_module(module).run(args))
+    return (lambda parser: getattr(importlib.import_module(module), add)(parser),
+            lambda args: getattr(importlib.import_module(module), run)(args))
 
 
-for _name, _help, _module in [
-        ("preprocess", "tokenize jsonl into a Megatron indexed dataset (.bin/.idx)", "neox_sophia.data.preprocess"),
-        ("corpus", "build the built-in default corpus (Python's stdlib) and its tokenizer", "neox_sophia.data.corpus")]:
-    _add, _run = _delegate(_module)
+for _name, _help, _module, _names in [
+        ("preprocess", "tokenize jsonl into a Megatron indexed dataset (.bin/.idx)", "neox_sophia.data.preprocess", ()),
+        ("corpus", "build the built-in default corpus (Python's stdlib) and its tokenizer", "neox_sophia.data.corpus", ()),
+        ("convert", "checkpoints: consolidate (any layout -> universal), to-hf, from-hf", "neox_sophia.convert.cli", ()),
+        ("inspect", "layout, step, config, tensors and optimizer state of a checkpoint", "neox_sophia.convert.cli",
+         ("add_inspect_arguments", "run_inspect"))]:
+    _add, _run = _delegate(_module, *_names)
     command(_name, _help, _add)(_run)
 
 

@@ -214,6 +214,12 @@ def load_config(paths: Iterable[str], overrides: Iterable[str] = (), *, warn: bo
     paths = list(paths)
     values, origins = read_config_files(paths)
     apply_overrides(values, origins, overrides)
+    return config_from_values(values, origins, warn=warn)
+
+
+def config_from_values(values: Dict[str, Any], origins: Dict[str, str], *, warn: bool = False) -> NeoXConfig:
+    """Classify, build and validate merged config values (``origins``: key -> where it was set),
+    e.g. the values a checkpoint was saved with."""
     ignored = _classify(values, origins)
     sections = {}
     for name, cls in SECTIONS.items():

@@ -92,7 +92,8 @@ def full_state_dict(module: nn.Module) -> dict:
     out = {}
     for name, param in global_named_parameters(module):
         if getattr(param, "tensor_model_parallel", False):
-            out[name] = gather_tensor_parallel(param.detach(), dim=param.partition_dim)
+            full = gather_tensor_parallel(param.detach(), dim=param.partition_dim)
+            out[name] = full.clone() if full.data_ptr() == param.data_ptr() else full  # TP=1: the parameter
         else:
             out[name] = param.detach().clone()
     return out

@@ -216,6 +216,32 @@ def mark_tensor_parallel(block: nn.Module) -> None:
                 param.tensor_model_parallel, param.partition_dim, param.partition_stride = True, dim, 1
 
 
+# Which global parameters are split across TP ranks, and along which dim: the megatron-core layer
+# each one lives in (mark_tensor_parallel's table, by layer type) said by name, for code that sees
+# names but no modules (the checkpoint reader, a universal checkpoint's loader). A test checks
+# that both agree on a real model.
+TENSOR_PARALLEL_DIMS = (
+    ("embed_in.weight", 0),                     # VocabParallelEmbedding
+    ("embed_out.weight", 0),                    # ColumnParallelLinear (the output layer)
+    ("attention.query_key_value.weight", 0),    # ColumnParallelLinear
+    ("attention.query_key_value.bias", 0),
+    ("mlp.dense_h_to_4h.weight", 0),            # ColumnParallelLinear
+    ("mlp.dense_h_to_4h.bias", 0),
+    ("attention.dense.weight", 1),              # RowParallelLinear (its bias is replicated)
+    ("mlp.dense_4h_to_h.weight", 1),            # RowParallelLinear (its bias is replicated)
+)
+
+
+def tensor_parallel_dim(name: str) -> int | None:
+    """The dim along which the parameter with global ``name`` ("layers.3.mlp.dense_4h_to_h.weight")
+    is split across tensor-parallel ranks; None when every TP rank holds all of it (norms,
+    row-parallel biases). Agrees with the ``partition_dim`` that mark_tensor_parallel sets."""
+    for suffix, dim in TENSOR_PARALLEL_DIMS:
+        if name == suffix or name.endswith("." + suffix):
+            return dim
+    return None
+
+
 def init_std_for(name: str, cfg: ModelConfig) -> float | None:
     """NeoX's init roles by parameter name; None: biases zero, norm weights one."""
     from neox_sophia.model.init import init_std
@@ -262,4 +288,4 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor 
 
 __all__ = ["Embedding", "TransformerLayer", "FinalNorm", "OutputLayer", "ParallelAttention",
            "ParallelMLP", "RotaryEmbedding", "initialize_block", "mark_tensor_parallel", "lm_loss", "tied_output",
-           "megatron_config"]
+           "megatron_config", "tensor_parallel_dim", "TENSOR_PARALLEL_DIMS"]

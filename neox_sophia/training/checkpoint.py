@@ -6,6 +6,7 @@
                                 including Sophia's exp_avg and hessian), plus
         rng_rank{r}.pt          every rank's RNG states
         config.yml              the merged config the run used
+        layout.json             TP, PP, DP, ZeRO stage and precision it was saved at
         complete                written last: the checkpoint is whole
 
 A run killed while writing global_step2000/ leaves `latest` at global_step1000 and no
@@ -30,6 +31,8 @@ import yaml
 
 MARKER = "complete"
 LATEST = "latest"
+LAYOUT = "layout.json"
+UNIVERSAL_META = "meta.json"  # a universal (layout-free) checkpoint: neox_sophia.convert.universal
 _TAG = re.compile(r"^global_step(\d+)$")
 
 
@@ -92,7 +95,7 @@ def _barrier() -> None:
 
 
 def save(engine, directory: str, step: int, client_state: Dict[str, Any], config_values: Dict[str, Any],
-         keep_last: Optional[int] = None) -> str:
+         keep_last: Optional[int] = None, layout: Optional[Dict[str, Any]] = None) -> str:
     """Write checkpoint ``step`` on every rank; return its path."""
     tag = tag_for(step)
     path = os.path.join(directory, tag)
@@ -109,6 +112,8 @@ def save(engine, directory: str, step: int, client_state: Dict[str, Any], config
     if rank == 0:
         with open(os.path.join(path, "config.yml"), "w") as f:
             yaml.safe_dump(config_values, f, sort_keys=False)
+        if layout is not None:
+            _write_atomic(os.path.join(path, LAYOUT), json.dumps(layout) + "\n")
         _write_atomic(os.path.join(path, MARKER), json.dumps({"step": step, "time": time.time()}) + "\n")
         _write_atomic(os.path.join(directory, LATEST), tag + "\n")
         if keep_last:
@@ -135,6 +140,19 @@ def resolve_tag(directory: str) -> str:
         raise CheckpointError(f"load: {directory} has no complete checkpoint (no global_stepN/ with a "
                               f"'{MARKER}' marker); point load at a checkpoint directory or unset it")
     return tags[-1][1]
+
+
+def saved_layout(directory: str) -> Optional[Dict[str, Any]]:
+    """The layout record of the checkpoint ``load`` would resume from (None if it has none)."""
+    path = os.path.join(directory, resolve_tag(directory), LAYOUT)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def is_universal(directory: str) -> bool:
+    return os.path.isfile(os.path.join(directory, UNIVERSAL_META))
 
 
 def load(engine, directory: str) -> Tuple[str, Dict[str, Any]]:

@@ -24,6 +24,7 @@ from neox_sophia.config.neox import NeoXConfig
 from neox_sophia.data.datasets import sample_indices
 from neox_sophia.parallel.topology import tensor_parallel_group
 from neox_sophia.training import checkpoint as ckpt
+from neox_sophia.training.checkpoint import is_universal
 from neox_sophia.training.metrics import Metrics
 from neox_sophia.training.steps import (collate, evaluate, hessian_uniforms, pipeline_hessian_step,
                                         pipeline_train_step, plain_hessian_step, plain_train_step)
@@ -149,18 +150,58 @@ def _datasets(cfg: NeoXConfig, layout, tokenizer):
 
 
 def _resume(run: Run) -> tuple:
-    """(step, non-finite steps so far) from `load`, or (0, 0) for a fresh start."""
+    """(step, non-finite steps so far) from `load`, or (0, 0) for a fresh start. `load` is a
+    checkpoint directory saved at this run's layout, or a universal checkpoint (any layout)."""
     cfg = run.cfg.checkpoint
     if not cfg.load:
         return 0, 0
     fresh = not os.path.isdir(cfg.load) or not os.listdir(cfg.load)
     if fresh and cfg.load == cfg.save:  # the first run of a resumable setup
         return 0, 0
-    tag, state = ckpt.load(run.engine, cfg.load)
-    run.scheduler.load_state_dict(state["scheduler"])
+    if is_universal(cfg.load):
+        state = _load_universal(run, cfg.load)
+        where = cfg.load
+    else:
+        _check_layout(run, cfg.load)
+        tag, state = ckpt.load(run.engine, cfg.load)
+        where = os.path.join(cfg.load, tag)
+    if "scheduler" in state:  # absent in a checkpoint converted from Hugging Face: the schedule starts
+        run.scheduler.load_state_dict(state["scheduler"])
     if dist.get_rank() == 0:
-        print(f"neox-sophia: resumed from {os.path.join(cfg.load, tag)} at step {state['step']}", flush=True)
+        print(f"neox-sophia: resumed from {where} at step {state['step']}", flush=True)
     return int(state["step"]), state.get("nonfinite_steps", 0)
+
+
+def _layout_record(run: Run) -> Dict[str, object]:
+    """What a checkpoint's files depend on: a DeepSpeed checkpoint resumes only at the same."""
+    return {"model_parallel_size": run.layout.tp, "pipe_parallel_size": run.cfg.parallel.pipe_parallel_size,
+            "data_parallel_size": run.layout.dp, "zero_stage": run.cfg.engine.zero_stage,
+            "precision": run.cfg.engine.resolved_precision}
+
+
+def _check_layout(run: Run, directory: str) -> None:
+    saved = ckpt.saved_layout(directory)
+    if saved is None:  # written before layouts were recorded
+        return
+    current = _layout_record(run)
+    differ = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}
+    if differ:
+        what = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in differ.items())
+        raise TrainingError(f"load: {directory} was saved at another layout ({what}); to resume at this one, "
+                            f"consolidate it first: `neox-sophia convert consolidate --checkpoint {directory} "
+                            f"--output DIR` and set load to DIR (weights, exp_avg and hessian carry over exactly)")
+
+
+def _load_universal(run: Run, directory: str) -> Dict[str, object]:
+    from neox_sophia.convert.universal import load_universal
+    from neox_sophia.training.reshard import load_universal_into
+
+    checkpoint = load_universal(directory)
+    if checkpoint.config.get("optimizer", {}).get("type", run.cfg.optimizer.type) != run.cfg.optimizer.type:
+        raise TrainingError(f"load: {directory} holds {checkpoint.config['optimizer']['type']} state; this run's "
+                            f"optimizer is {run.cfg.optimizer.type}")
+    load_universal_into(run.engine, run.optimizer, checkpoint, directory)
+    return {**checkpoint.client_state, "step": checkpoint.step}
 
 
 def _sophia_statistics(run: Run) -> Dict[str, float]:
@@ -186,7 +227,7 @@ def _should_save(cfg: NeoXConfig, step: int) -> bool:
 def _save(run: Run, step: int, nonfinite: int) -> None:
     state = {"step": step, "scheduler": run.scheduler.state_dict(), "nonfinite_steps": nonfinite}
     ckpt.save(run.engine, run.cfg.checkpoint.save, step, state, run.cfg.values,
-              keep_last=run.cfg.checkpoint.keep_last_n_checkpoints)
+              keep_last=run.cfg.checkpoint.keep_last_n_checkpoints, layout=_layout_record(run))
 
 
 def _one_step(run: Run, step: int, result: RunResult) -> bool:

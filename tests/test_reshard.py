@@ -1,0 +1,93 @@
+"""Resharding: a Sophia run saved at one layout resumes at another through a universal
+checkpoint (`neox-sophia convert consolidate`), DP 2 -> 1, TP 2 -> 1, PP 2 -> 1 and back.
+
+Each source run trains 8 steps (Hessian refresh every 2) and saves at step 4; the step-4
+checkpoint is consolidated offline and a run at the new layout resumes from it. Checked: right
+after loading, the new layout's gathered weights, exp_avg and hessian equal the universal
+checkpoint's exactly; steps 5-8 match the uninterrupted single-process run (within the layout
+tolerance of tests/test_layouts.py: the state after step 4 already differs by float reduction
+order between layouts). A DeepSpeed checkpoint loaded at another layout is refused with the
+command that converts it.
+"""
+import os
+
+import pytest
+import torch
+
+from tests.distributed import run_ranks
+from tests.test_layouts import COMMON
+from tests.test_training import QUICKSTART, cli, corpus, overrides  # noqa: F401 (fixture)
+
+pytestmark = pytest.mark.distributed
+
+LAYOUTS = {
+    "one": (1, {}),
+    "dp2-zero1": (2, dict(train_micro_batch_size_per_gpu=1, zero_optimization={"stage": 1})),
+    "dp2-zero2": (2, dict(train_micro_batch_size_per_gpu=1, zero_optimization={"stage": 2})),
+    "tp2": (2, dict(model_parallel_size=2)),
+    "pp2": (2, dict(pipe_parallel_size=2)),
+}
+
+
+def resume_worker(rank, world_size, sets):
+    from neox_sophia.config import load_config
+    from neox_sophia.model.gpt_neox import full_state_dict
+    from neox_sophia.training.loop import _resume, setup, train_loop
+    from tests.gathered import optimizer_state_by_name
+
+    run = setup(load_config([QUICKSTART], sets, warn=False))
+    start, nonfinite = _resume(run)
+    loaded = None if start == 0 else {"weights": full_state_dict(run.engine.module),
+                                      "state": optimizer_state_by_name(run.engine, run.optimizer)}
+    result = train_loop(run, start, nonfinite)
+    return {"start": start, "loss": result.train_loss, "loaded": loaded}
+
+
+def settings(corpus, run_dir, layout, **extra):  # noqa: F811
+    return overrides(corpus, run_dir, checkpoint_factor=4, **COMMON, **LAYOUTS[layout][1], **extra)
+
+
+@pytest.fixture(scope="module")
+def sources(corpus, tmp_path_factory):  # noqa: F811
+    """name -> (the uninterrupted run's result, the universal checkpoint of its step 4)."""
+    from neox_sophia.convert.reader import read_checkpoint
+    from neox_sophia.convert.universal import save_universal
+
+    out = {}
+    for name in ("one", "dp2-zero1", "tp2", "pp2"):
+        run_dir = str(tmp_path_factory.mktemp(name))
+        result = run_ranks(resume_worker, LAYOUTS[name][0], args=(settings(corpus, run_dir, name),))[0]
+        universal = os.path.join(run_dir, "universal4")
+        save_universal(universal, read_checkpoint(os.path.join(run_dir, "ckpt"), step=4))
+        out[name] = (result, universal)
+    return out
+
+
+@pytest.mark.parametrize("source,target", [("dp2-zero1", "one"), ("one", "dp2-zero2"), ("tp2", "one"),
+                                           ("one", "tp2"), ("pp2", "one"), ("one", "pp2")])
+def test_resume_at_another_layout(corpus, sources, tmp_path, source, target):  # noqa: F811
+    from neox_sophia.convert.universal import load_universal
+
+    universal = load_universal(sources[source][1])
+    sets = settings(corpus, str(tmp_path), target, load=sources[source][1])
+    out = run_ranks(resume_worker, LAYOUTS[target][0], args=(sets,))
+    assert out[0]["start"] == 4
+    weights = {name: w for rank in out for name, w in rank["loaded"]["weights"].items()}
+    state = {name: s for rank in out for name, s in rank["loaded"]["state"].items()}
+    assert set(weights) == set(universal.weights)
+    for name, w in universal.weights.items():
+        assert torch.equal(weights[name], w), name
+        for key in ("exp_avg", "hessian"):
+            assert torch.equal(state[name][key], universal.optimizer[name][key]), f"{name}.{key}"
+    assert any(float(s["hessian"].abs().max()) > 0 for s in universal.optimizer.values())
+    reference = sources["one"][0]["loss"]
+    for step in range(5, 9):
+        assert out[0]["loss"][step] == pytest.approx(reference[step], rel=1e-5), step
+
+
+def test_a_deepspeed_checkpoint_at_another_layout_is_refused_with_the_fix(corpus, sources, tmp_path):  # noqa: F811
+    saved = os.path.dirname(sources["tp2"][1])
+    sets = settings(corpus, str(tmp_path), "one", load=os.path.join(saved, "ckpt"))
+    done = cli(["train", QUICKSTART] + [a for s in sets for a in ("--set", s)])
+    assert done.returncode == 2
+    assert "model_parallel_size 2 -> 1" in done.stderr and "neox-sophia convert consolidate" in done.stderr
