@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from neox_sophia.parallel import sampling
 from neox_sophia.parallel.sampling import label_uniforms, sample_vocab_parallel
 from tests.distributed import run_ranks
 
@@ -11,6 +12,7 @@ pytestmark = pytest.mark.distributed
 
 VOCAB, PADDED = 1000, 1024
 TOKENS = (6, 512)
+CHUNK_NUMEL = sampling.CPU_CHUNK_NUMEL
 
 
 def full_logits():
@@ -33,6 +35,9 @@ def tp_worker(rank, world_size):
         group, local = groups[rank // tp], rank % tp
         shard = logits.chunk(tp, dim=-1)[local].contiguous()
         out[str(tp)] = sample_vocab_parallel(shard, u, VOCAB, group)
+        sampling.CPU_CHUNK_NUMEL = 700  # chunks of 2-3 rows, cut at other rows than at TP=1
+        out[f"{tp} small chunks"] = sample_vocab_parallel(shard, u, VOCAB, group)
+        sampling.CPU_CHUNK_NUMEL = CHUNK_NUMEL
     return out
 
 
@@ -57,3 +62,30 @@ def test_labels_follow_the_softmax():
     counts = torch.bincount(labels, minlength=12).double()
     chi2 = float(((counts - n * p) ** 2 / (n * p)).sum())
     assert chi2 < 32.9  # 11 degrees of freedom, p = 0.0005
+
+
+def whole_tensor_labels(logits, u, vocab_size):
+    """The draw at one rank written out on the whole tensor in float64 (what the chunked code
+    must reproduce bit for bit): inverse CDF of exp(x - max) over the real columns."""
+    x = logits.double().clone()
+    x[..., vocab_size:] = float("-inf")
+    cdf = torch.exp(x - x.max(dim=-1).values.unsqueeze(-1)).cumsum(dim=-1)
+    labels = torch.searchsorted(cdf, (u * cdf[..., -1]).unsqueeze(-1), right=True).squeeze(-1)
+    return labels.clamp(max=vocab_size - 1)
+
+
+@pytest.mark.parametrize("chunk_numel", [1, 1000, 5000, CHUNK_NUMEL])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_chunked_draw_equals_the_whole_tensor_draw_bit_for_bit(monkeypatch, chunk_numel, dtype):
+    monkeypatch.setattr(sampling, "CPU_CHUNK_NUMEL", chunk_numel)
+    g = torch.Generator().manual_seed(7)
+    for shape, vocab in [((6, 37), PADDED), ((4, 50), VOCAB), ((3, 5), 11)]:
+        width = PADDED if vocab > 11 else 16
+        logits = (torch.randn(*shape, width, generator=g) * 4).to(dtype)
+        logits[0, 1, 2] = float("nan")  # a broken row stays confined to itself
+        u = torch.rand(*shape, generator=g, dtype=torch.float64)
+        before = logits.clone()
+        labels = sample_vocab_parallel(logits, u, vocab)
+        assert torch.equal(labels, whole_tensor_labels(logits, u, vocab)), (shape, vocab)
+        assert torch.equal(logits.isnan(), before.isnan())
+        assert torch.equal(logits.nan_to_num(), before.nan_to_num())  # the logits are left alone

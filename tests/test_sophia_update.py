@@ -355,3 +355,50 @@ def test_bf16_parameters_keep_an_exact_rejected_count_across_load():
     assert other.state[q]["hessian_rejected"].dtype == torch.float32
     assert other.statistics().hessian_rejected == 300
     assert other.state[q]["hessian"].dtype == torch.bfloat16
+
+
+def hessian_case(dtype, seed=0):
+    """Hessians and estimates where most coordinates are ordinary and a few chunks hold what the
+    guard must catch: NaN, inf, a square that overflows, a sum that overflows, values near the
+    largest float that still fit."""
+    g = torch.Generator().manual_seed(seed)
+    big = torch.finfo(dtype).max
+    hs = [torch.rand(s, generator=g).to(dtype) for s in [(40, 9), (70,), (5, 5), (0,), (300,)]]
+    es = [torch.randn(h.shape, generator=g).to(dtype) for h in hs]
+    es[0][3, 4] = float("nan")
+    es[1][60] = float("inf")
+    es[2][1, 1] = math.sqrt(big) * 20      # e*e overflows
+    hs[4][7], es[4][7] = big * 0.999, math.sqrt(big) * 2  # b2*h + (1-b2)*e*e overflows
+    hs[4][250], es[4][250] = big * 0.9, 1.0  # huge but finite: must be kept
+    return hs, es
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("square", [True, False])
+@pytest.mark.parametrize("wave", [16, 1 << 18])
+def test_hessian_guard_fast_path_equals_the_per_coordinate_path(monkeypatch, dtype, square, wave):
+    """Chunks proved finite are updated in place without the guard; they must get the same bits
+    and counts as when every chunk goes through the per-coordinate repair."""
+    results = []
+    for everything_slow in (False, True):
+        if everything_slow:
+            monkeypatch.setattr(kernels, "_surely_finite", lambda hs, es, **_: [False] * len(hs))
+        hs, es = hessian_case(dtype)
+        rejected = [torch.zeros(()) for _ in hs]
+        for _ in range(2):
+            kernels.hessian_ema(hs, es, rejected, beta2=0.99, square=square, wave_numel=wave)
+        results.append((hs, rejected))
+    (fast, fast_rejected), (slow, slow_rejected) = results
+    assert all(torch.equal(a, b) for a, b in zip(fast, slow))
+    assert [float(r) for r in fast_rejected] == [float(r) for r in slow_rejected]
+    assert all(torch.isfinite(h).all() for h in fast)
+    assert float(fast[4][250]) > 0.5 * float(torch.finfo(dtype).max)
+
+
+def test_surely_finite_never_vouches_for_a_chunk_that_overflows():
+    hs, es = hessian_case(torch.float32)
+    flags = kernels._surely_finite(hs, es, beta2=0.99, square=True)
+    assert flags == [False, False, False, True, False]
+    ordinary = [torch.rand(50) for _ in range(3)]
+    assert kernels._surely_finite(ordinary, [torch.randn(50) for _ in ordinary], beta2=0.99, square=True) \
+        == [True] * 3

@@ -106,6 +106,59 @@ def sophia_update(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tens
         _foreach_update(p, g, m, h, **hyper)
 
 
+def _surely_finite(hessians: List[Tensor], estimates: List[Tensor], *, beta2: float,
+                   square: bool) -> List[bool]:
+    """Per chunk, whether b2*h + (1-b2)*e (e*e with ``square``) is finite at every coordinate,
+    decided before anything is written, from the largest |h| and |e| (one reduction each).
+
+    The bound b2*M_h + (1-b2)*M_e (M_e^2 with ``square``), M = |min| + |max| >= max|x|, is
+    taken in float64 on the host and must stay under half the dtype's largest value: the few
+    roundings of the real update (each < 0.4% even in bf16) then cannot reach it. A NaN or inf
+    anywhere makes the bound NaN or inf, never "finite". False only sends a chunk down the exact
+    per-coordinate path, so the bound may be loose.
+    """
+    ends = [end for t in (*hessians, *estimates)
+            for end in (torch.aminmax(t) if t.numel() else (t.new_zeros(()), t.new_zeros(())))]
+    ends = torch.stack(ends).tolist()  # one host read per wave; Python floats are float64
+    # |min| + |max| >= max|x|, and unlike max() it cannot drop a NaN.
+    largest = [abs(low) + abs(high) for low, high in zip(ends[::2], ends[1::2])]
+    n = len(hessians)
+    out = []
+    for h, top_h, top_e in zip(hessians, largest[:n], largest[n:]):
+        bound = beta2 * top_h + (1.0 - beta2) * (top_e * top_e if square else top_e)
+        out.append(bound <= torch.finfo(h.dtype).max / 2)
+    return out
+
+
+def _ema_(hessians: List[Tensor], estimates: List[Tensor], *, beta2: float, beta2_tensor: Tensor,
+          square: bool) -> None:
+    """h <- b2*h + (1-b2)*e(*e) in place, no guard.
+
+    The scaling by b2 takes it as a 0-dim float64 tensor (``beta2_tensor``, made once per call):
+    in-place foreach mul_ with a Python number rounds the number to the tensors' dtype first
+    (torch 2.13, CPU: b2 = 0.99 becomes 0.98828125 in bf16), unlike torch.mul, which the guarded
+    path uses; with a tensor both give the same bits.
+    """
+    torch._foreach_mul_(hessians, beta2_tensor)
+    if square:
+        torch._foreach_addcmul_(hessians, estimates, estimates, value=1.0 - beta2)
+    else:
+        torch._foreach_add_(hessians, estimates, alpha=1.0 - beta2)
+
+
+def _guarded_ema_(hessian: Tensor, estimate: Tensor, rejected: Tensor, *, beta2: float, square: bool) -> None:
+    """The same update computed aside; coordinates whose new value is not finite keep their
+    old h and are counted in ``rejected``."""
+    new = torch.mul(hessian, beta2)
+    if square:
+        new.addcmul_(estimate, estimate, value=1.0 - beta2)
+    else:
+        new.add_(estimate, alpha=1.0 - beta2)
+    keep = torch.isfinite(new)
+    torch.where(keep, new, hessian, out=hessian)
+    rejected.add_(keep.logical_not_().sum())
+
+
 def hessian_ema(hessians: List[Tensor], estimates: List[Tensor], rejected: List[Tensor], *,
                 beta2: float, square: bool, wave_numel: Optional[int] = None) -> None:
     """h <- b2*h + (1-b2)*e, with e = g*g (``square``, GNB) or e as given (Hutchinson's u*Hu).
@@ -115,26 +168,24 @@ def hessian_ema(hessians: List[Tensor], estimates: List[Tensor], rejected: List[
     per coordinate, like everything here, so it means the same at any sharding; a whole-step
     skip would depend on how the model is sharded.
 
-    Non-finite estimates are rare, so each wave is checked with one reduction (a chunk's L1 norm
-    is finite if all its coordinates are; a finite chunk whose norm overflows only takes the
-    exact path below) and only chunks that fail it pay for the per-coordinate repair. That check reads one flag per wave on the host: this runs every k
-    steps, not in step().
+    Non-finite estimates are rare, so the guard must cost little on the common path: per wave,
+    one min/max reduction of h and of e proves most chunks cannot overflow (_surely_finite);
+    those are updated in place exactly as without a guard, and only the rest pay for computing
+    the update aside and repairing it coordinate by coordinate (_guarded_ema_). A coordinate
+    gets the same bits on either path. On 125M-model shapes on CPU (162M parameters) the guarded
+    update takes ~1.6x an unguarded one, where an L1-norm check of the computed update took ~3x.
+    The check reads one list of flags per wave on the host: this runs every k steps, not in
+    step().
     """
     if not hessians:
         return
     wave_numel = wave_numel or default_wave_numel(hessians[0].device)
+    beta2_tensor = torch.tensor(beta2, dtype=torch.float64, device=hessians[0].device)
     for owners, (hs, es) in waves([hessians, estimates], wave_numel):
-        updated = torch._foreach_mul(hs, beta2)
-        if square:
-            torch._foreach_addcmul_(updated, es, es, value=1.0 - beta2)
-        else:
-            torch._foreach_add_(updated, es, alpha=1.0 - beta2)
-        finite = torch.stack(torch._foreach_norm(updated, ord=1)).isfinite().tolist()
-        if any(finite):
-            torch._foreach_copy_([h for h, ok in zip(hs, finite) if ok],
-                                 [n for n, ok in zip(updated, finite) if ok])
-        for owner, hessian, new, ok in zip(owners, hs, updated, finite):
+        safe = _surely_finite(hs, es, beta2=beta2, square=square)
+        if any(safe):
+            _ema_([h for h, ok in zip(hs, safe) if ok], [e for e, ok in zip(es, safe) if ok],
+                  beta2=beta2, beta2_tensor=beta2_tensor, square=square)
+        for owner, h, e, ok in zip(owners, hs, es, safe):
             if not ok:
-                keep = torch.isfinite(new)
-                torch.where(keep, new, hessian, out=hessian)
-                rejected[owner].add_(keep.logical_not_().sum())
+                _guarded_ema_(h, e, rejected[owner], beta2=beta2, square=square)
