@@ -19,14 +19,9 @@ def optimizer_state_by_name(engine, optimizer, keys: Sequence[str] = ("exp_avg",
 
     from neox_sophia.model.gpt_neox import global_named_parameters
     from neox_sophia.parallel.topology import gather_tensor_parallel
+    from neox_sophia.training.reshard import link_optimizer_state
 
-    wrapper = engine.optimizer
-    if hasattr(wrapper, "_lazy_init_hp_params_optimizer_state"):
-        # ZeRO-1/2 link each parameter to its optimizer-state slices right after the first
-        # param group's first step, before an optimizer that creates state lazily (Sophia, torch
-        # Adam) has any for the other groups: link again now that every group has stepped.
-        wrapper._hp_optimizer_states_linked = False
-        wrapper._lazy_init_hp_params_optimizer_state()
+    link_optimizer_state(engine)  # every group has stepped by now
     out = {}
     for name, param in global_named_parameters(engine.module):
         entry = {}

@@ -42,6 +42,14 @@ def _initialize_state(engine, optimizer) -> None:
             elif isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)) and not optimizer.state[p]:
                 optimizer.state[p].update(step=torch.zeros((), dtype=torch.float32),
                                           exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+    link_optimizer_state(engine)
+
+
+def link_optimizer_state(engine) -> None:
+    """Point every parameter at its slices of the optimizer state (DeepSpeed's fragment API) once
+    every param group has state. ZeRO-1/2 and the bf16 optimizer link right after the FIRST
+    group's first step, before an optimizer that creates state lazily (Sophia, torch Adam) has any
+    for the other groups, so reading or writing their state by parameter would fail."""
     wrapper = engine.optimizer
     if hasattr(wrapper, "_lazy_init_hp_params_optimizer_state"):
         wrapper._hp_optimizer_states_linked = False
