@@ -52,7 +52,8 @@ import torch
 import yaml
 
 from neox_sophia.model.layers import tensor_parallel_dim
-from neox_sophia.training.checkpoint import LATEST, LAYOUT, MARKER, CheckpointError, complete_tags, tag_for
+from neox_sophia.training.checkpoint import (LAYOUT, MARKER, CheckpointError, complete_tags, newest_complete_tag,
+                                           tag_for)
 
 CLIENT_KEYS = ("step", "scheduler", "nonfinite_steps")
 
@@ -140,19 +141,14 @@ def resolve(save_dir: str, step: Optional[int] = None) -> str:
                                   f"finish and its files may be partial; read a complete step instead "
                                   f"({available})")
         return tag
-    latest = os.path.join(save_dir, LATEST)
-    if os.path.isfile(latest):
-        with open(latest) as f:
-            tag = f.read().strip()
-        if tag and os.path.isfile(os.path.join(save_dir, tag, MARKER)):
-            return tag
-    if not tags:
+    tag = newest_complete_tag(save_dir)
+    if tag is None:
         partial = sorted(d for d in os.listdir(save_dir) if re.match(r"^global_step\d+$", d))
         why = (f"{', '.join(partial)} {'has' if len(partial) == 1 else 'have'} no '{MARKER}' marker (the save did "
                f"not finish)" if partial else f"no global_stepN/ with a '{MARKER}' marker")
         raise CheckpointError(f"{save_dir}: no complete checkpoint ({why}); pass a `save` directory with a complete "
                               f"checkpoint")
-    return tags[-1][1]
+    return tag
 
 
 def read_config(path: str) -> Dict[str, Any]:

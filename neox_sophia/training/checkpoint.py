@@ -129,17 +129,23 @@ def resolve_tag(directory: str) -> str:
     if not os.path.isdir(directory):
         raise CheckpointError(f"load: {directory} does not exist; unset load (or set it to a "
                               f"directory with checkpoints) to start from scratch")
+    tag = newest_complete_tag(directory)
+    if tag is None:
+        raise CheckpointError(f"load: {directory} has no complete checkpoint (no global_stepN/ with a "
+                              f"'{MARKER}' marker); point load at a checkpoint directory or unset it")
+    return tag
+
+
+def newest_complete_tag(directory: str) -> Optional[str]:
+    """`latest` when it names a complete checkpoint, else the newest complete one, else None."""
     latest = os.path.join(directory, LATEST)
     if os.path.isfile(latest):
         with open(latest) as f:
             tag = f.read().strip()
-        if os.path.isfile(os.path.join(directory, tag, MARKER)):
+        if tag and os.path.isfile(os.path.join(directory, tag, MARKER)):
             return tag
     tags = complete_tags(directory)
-    if not tags:
-        raise CheckpointError(f"load: {directory} has no complete checkpoint (no global_stepN/ with a "
-                              f"'{MARKER}' marker); point load at a checkpoint directory or unset it")
-    return tags[-1][1]
+    return tags[-1][1] if tags else None
 
 
 def saved_layout(directory: str) -> Optional[Dict[str, Any]]:
