@@ -51,12 +51,6 @@ class _Moments:
                 "max": self.max if self.numel else None, "mean": self.total / n, "rms": math.sqrt(self.squares / n)}
 
 
-def _config(values: Dict[str, Any], where: str):
-    from neox_sophia.convert.reader import neox_config
-
-    return neox_config(values, where)
-
-
 def _sophia_constants(cfg, layout: Dict[str, Any]) -> Tuple[Optional[float], Optional[int]]:
     """(rho, bs) as the trainer built Sophia: bs = optimizer.params.bs, else the tokens of the
     global Hessian batch at the run's world size (NeoXConfig.hessian_tokens)."""
@@ -136,11 +130,11 @@ def _statistics(entries: Iterator[Tuple[str, Dict[str, torch.Tensor]]], total_he
 
 
 def _summarize_save_dir(path: str, step: Optional[int], statistics: bool) -> Dict[str, Any]:
-    from neox_sophia.convert.reader import read_checkpoint
+    from neox_sophia.convert.reader import neox_config, read_checkpoint
 
     ckpt = read_checkpoint(path, step=step, optimizer_state=statistics)
     where = os.path.join(path, ckpt.tag, "config.yml")
-    cfg = _config(ckpt.config, where)
+    cfg = neox_config(ckpt.config, where)
     tensors = [{"name": n, "shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", ""), "numel": t.numel()}
                for n, t in ckpt.weights.items()]
     embed = ckpt.weights.get("embed_in.weight")
@@ -160,11 +154,12 @@ def _summarize_universal(path: str, statistics: bool) -> Dict[str, Any]:
     import yaml
     from safetensors import safe_open
 
+    from neox_sophia.convert.reader import neox_config
     from neox_sophia.convert.universal import MODEL_FILE, OPTIMIZER_FILE, SEP, read_meta
 
     meta = read_meta(path)
     with open(os.path.join(path, "config.yml")) as f:
-        cfg = _config(yaml.safe_load(f) or {}, os.path.join(path, "config.yml"))
+        cfg = neox_config(yaml.safe_load(f) or {}, os.path.join(path, "config.yml"))
     tensors = []
     try:
         with safe_open(os.path.join(path, MODEL_FILE), framework="pt") as f:
