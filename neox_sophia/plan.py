@@ -58,6 +58,17 @@ def count_blocks(cfg: ModelConfig, padded_vocab_size: int, tp_size: int) -> List
     return counts
 
 
+def model_flops_per_token(cfg: ModelConfig, padded_vocab_size: int) -> int:
+    """Training FLOPs per token (forward + backward, no recomputation), the PaLM / Megatron MFU
+    convention: 6 per weight that multiplies an activation (per layer the QKV and output
+    projections, 4h^2, and the MLP, 2 h ffn; the output layer, V h, tied or not; the input
+    embedding is a lookup) plus 12 x layers x hidden x seq for the attention scores and their
+    use. Sophia's Hessian steps are extra work, not counted: MFU counts useful training FLOPs."""
+    h, layers = cfg.hidden_size, cfg.num_layers
+    matmul = layers * (4 * h * h + 2 * h * cfg.ffn_hidden_size) + padded_vocab_size * h
+    return 6 * matmul + 12 * layers * h * cfg.seq_length
+
+
 def stage_parts(blocks: List[BlockCount], parallel: ParallelConfig) -> List[int]:
     """Block boundaries per pipeline stage, computed with DeepSpeed's own partitioner."""
     from deepspeed.runtime import utils as ds_utils

@@ -11,7 +11,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.distributed
 
 
-def test_bench_overhead_reports_both_optimizers(tmp_path):
+def test_bench_overhead_reports_both_optimizers_time_and_memory(tmp_path):
     from neox_sophia.data.corpus import prepare_builtin_corpus
 
     corpus = prepare_builtin_corpus(tmp_path / "corpus", max_bytes=500_000, vocab_size=512, log=None)
@@ -20,8 +20,8 @@ def test_bench_overhead_reports_both_optimizers(tmp_path):
             "eval_iters=0"]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
     done = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "bench_overhead.py"),
-                           os.path.join(ROOT, "configs", "quickstart.yml"), "--blocks", "1", "--k", "2", "--json"]
-                          + [a for s in sets for a in ("--set", s)], capture_output=True, text=True, timeout=300,
+                           os.path.join(ROOT, "configs", "quickstart.yml"), "--blocks", "1", "--k", "2", "--json", "--memory"]
+                          + [a for s in sets for a in ("--set", s)], capture_output=True, text=True, timeout=600,
                           cwd=ROOT, env={**env, "DS_ACCELERATOR": "cpu"}, stdin=subprocess.DEVNULL)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
@@ -29,3 +29,13 @@ def test_bench_overhead_reports_both_optimizers(tmp_path):
     assert result["adamw_ms_per_iteration"] > 0 and result["sophia_ms_per_iteration"] > 0
     assert result["overhead_pct"] == pytest.approx(
         100 * (result["sophia_ms_per_iteration"] / result["adamw_ms_per_iteration"] - 1))
+    memory = result["memory"]
+    assert [r["optimizer"] for r in memory["runs"]["sophia"] + memory["runs"]["adamw"]] == ["sophia"] * 2 + ["adamw"] * 2
+    for run in memory["runs"]["sophia"] + memory["runs"]["adamw"]:
+        assert run["peak_rss_bytes"] >= run["rss_after_setup_bytes"] > 0
+    peak = memory["peak_rss_bytes"]
+    assert peak["ratio"] == pytest.approx(peak["sophia"] / peak["adamw"])
+    # two state tensors per parameter for both (exp_avg + hessian vs exp_avg + exp_avg_sq), plus
+    # AdamW's per-parameter step counters
+    state = memory["optimizer_state_bytes"]
+    assert state["sophia"] > 0 and state["adamw"] == pytest.approx(state["sophia"], rel=0.01)

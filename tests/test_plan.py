@@ -88,3 +88,25 @@ def test_cli_plan_reports_config_errors(capsys, tmp_path):
     assert "did you mean 'hidden_size'" in capsys.readouterr().err
     assert main(["plan", *files("1-5B"), "--world-size", "3", "--set", "model_parallel_size=2"]) == 2
     assert "world size 3" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("model,tied", [("125M", None), ("125M", True), ("1-5B", None)])
+def test_model_flops_per_token_counts_every_matmul_weight_of_the_built_model(model, tied):
+    """6 FLOPs per weight that multiplies an activation, counted from the real modules (every
+    2-D weight; a tied output layer once more, the input embedding lookup not), plus the
+    attention term 12 x layers x hidden x seq."""
+    import torch
+
+    from neox_sophia.model.gpt_neox import build_blocks
+    from neox_sophia.parallel.topology import initialize_model_parallel
+    from neox_sophia.plan import model_flops_per_token
+
+    cfg = load_config(files(model), overrides=[] if tied is None else [f"no_weight_tying={not tied}"])
+    m, vocab = cfg.model, cfg.padded_vocab_size(50277)
+    initialize_model_parallel(1, 1)
+    with torch.device("meta"):
+        blocks = build_blocks(m, vocab, tp_size=1)
+    weights = [p.numel() for b in blocks[1:] for p in b.parameters() if p.dim() == 2]
+    output = vocab * m.hidden_size if not m.no_weight_tying else 0  # the tied output reuses the embedding
+    expected = 6 * (sum(weights) + output) + 12 * m.num_layers * m.hidden_size * m.seq_length
+    assert model_flops_per_token(m, vocab) == expected
