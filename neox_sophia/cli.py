@@ -118,16 +118,18 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from neox_sophia.config import ConfigError
-    from neox_sophia.data.datasets import DataError
-    from neox_sophia.training.checkpoint import CheckpointError
-    from neox_sophia.training.loop import TrainingError, train
+    """One rank. Any error: "rank R failed: ..." on stderr and, with other ranks, an immediate exit
+    so that none of them waits on this one (training/lifecycle.py); SIGTERM: save and exit 0."""
+    from neox_sophia.training.lifecycle import RankProcess
+    from neox_sophia.training.loop import train
 
+    rank = RankProcess()
     try:
-        train(load_config_from_args(args))
-    except (ConfigError, DataError, TrainingError, CheckpointError, FileNotFoundError) as e:
-        print(f"neox-sophia train: {e}", file=sys.stderr)
-        return 2
+        cfg = load_config_from_args(args)
+        rank.open_log(cfg.logging.log_dir)
+        train(cfg)
+    except BaseException as e:  # noqa: B036 - every failure ends this rank the same way
+        return rank.fail(e)
     return 0
 
 

@@ -117,14 +117,14 @@ def test_unimplemented_neox_setting_is_an_error_but_its_default_is_accepted(writ
 
 
 def test_ignorable_keys_are_listed_in_one_warning(write):
-    a = write("a.yml", MODEL[:-1] + ', "bias_dropout_fusion": true, "use_wandb": true, "partition_activations": true}')
+    a = write("a.yml", MODEL[:-1] + ', "bias_dropout_fusion": true, "wandb_init_all_ranks": true, "partition_activations": true}')
     with pytest.warns(IgnoredKeysWarning) as record:
         cfg = load_config([a])
     assert len(record) == 1
     text = str(record[0].message)
-    for key in ("bias_dropout_fusion", "use_wandb", "partition_activations"):
+    for key in ("bias_dropout_fusion", "wandb_init_all_ranks", "partition_activations"):
         assert key in text
-    assert set(cfg.ignored) == {"bias_dropout_fusion", "use_wandb", "partition_activations"}
+    assert set(cfg.ignored) == {"bias_dropout_fusion", "wandb_init_all_ranks", "partition_activations"}
 
 
 def test_every_implemented_key_is_a_neox_key_or_a_listed_extension():

@@ -386,12 +386,7 @@ IGNORABLE = {
     'rotary_save_freqs_buffer': 'kernel fusions and memory/performance switches (no effect on the numbers)',
     'output_layer_parallelism': 'kernel fusions and memory/performance switches (no effect on the numbers)',
     # logging, profiling and monitoring integrations
-    'use_wandb': 'logging, profiling and monitoring integrations',
-    'wandb_group': 'logging, profiling and monitoring integrations',
-    'wandb_run_name': 'logging, profiling and monitoring integrations',
-    'wandb_team': 'logging, profiling and monitoring integrations',
-    'wandb_project': 'logging, profiling and monitoring integrations',
-    'wandb_host': 'logging, profiling and monitoring integrations',
+    # (use_wandb and wandb_project/group/run_name/team/host are implemented: LoggingConfig, rank 0 only)
     'wandb_init_all_ranks': 'logging, profiling and monitoring integrations',
     'git_hash': 'logging, profiling and monitoring integrations',
     'use_comet': 'logging, profiling and monitoring integrations',

@@ -249,7 +249,8 @@ class CheckpointConfig:
 @dataclass
 class LoggingConfig:
     log_dir: Optional[str] = None
-    """Directory for the run's logs (metrics as JSON lines)."""
+    """Directory for the run's logs: rank 0's metrics.jsonl, one rank_NNNNN.log per rank (its
+    lifecycle, warnings and error), and failed_rank_NNNNN markers of ranks that failed."""
     tensorboard_dir: Optional[str] = None
     """TensorBoard event files (when tensorboard is installed)."""
     log_interval: int = 100
@@ -258,6 +259,20 @@ class LoggingConfig:
     """Steps between validation passes."""
     eval_iters: int = 100
     """Micro-batches per validation pass."""
+    use_wandb: Optional[bool] = None
+    """Log the metrics to Weights & Biases from rank 0. Needs `pip install wandb`; without it the
+    run says so in one line and goes on. Unset means off (NeoX turns it on when it finds a wandb
+    API key; here it is asked for)."""
+    wandb_project: str = "neox"
+    """wandb project."""
+    wandb_group: Optional[str] = None
+    """wandb group (e.g. one name for the runs of a sweep)."""
+    wandb_run_name: Optional[str] = None
+    """wandb run name (wandb picks one when unset)."""
+    wandb_team: Optional[str] = None
+    """wandb entity (team or user) that owns the project."""
+    wandb_host: str = "https://api.wandb.ai"
+    """wandb server, for a self-hosted one (sets WANDB_BASE_URL)."""
 
     def validate(self) -> None:
         for key in ("log_interval", "eval_interval"):

@@ -4,7 +4,8 @@
            type) -> DeepSpeed engine (PipelineEngine when pipe_parallel_size >= 1) -> LR schedule
            -> datasets -> resume from `load`
     loop:  train step; every hessian_interval steps the Sophia Hessian step (step % k == k-1,
-           after that step's update, on samples no training step uses); log; eval; checkpoint.
+           after that step's update, on samples no training step uses); log; eval; checkpoint;
+           stop here, saved, if any rank got SIGTERM/SIGINT (training/lifecycle.py).
 
 The Hessian batch of refresh j is H global samples (optimizer.params.hessian_batch_size; by
 default half a training batch) taken after the training stream's train_iters x B samples: fresh
@@ -25,7 +26,8 @@ from neox_sophia.data.datasets import sample_indices
 from neox_sophia.parallel.topology import tensor_parallel_group
 from neox_sophia.training import checkpoint as ckpt
 from neox_sophia.training.checkpoint import is_universal
-from neox_sophia.training.metrics import Metrics
+from neox_sophia.training.lifecycle import StopSignals, log, signal_name
+from neox_sophia.training.metrics import Metrics, Progress
 from neox_sophia.training.steps import (collate, evaluate, hessian_uniforms, pipeline_hessian_step,
                                         pipeline_train_step, plain_hessian_step, plain_train_step)
 
@@ -42,6 +44,8 @@ class RunResult:
     hessian_updates: int = 0
     nonfinite_steps: int = 0
     grad_norm: Optional[float] = None
+    stopped_by: Optional[str] = None
+    """The signal (SIGTERM, SIGINT) that ended the run before train_iters, if one did."""
 
 
 @dataclass
@@ -80,7 +84,8 @@ class Run:
 
 def _device() -> torch.device:
     if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", "0"))
+        # modulo: under `srun --gpus-per-task=1` (or --gpu-bind) a task sees only its own GPU
+        local = int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count()
         torch.cuda.set_device(local)
         return torch.device("cuda", local)
     return torch.device("cpu")
@@ -167,6 +172,7 @@ def _resume(run: Run) -> tuple:
         where = os.path.join(cfg.load, tag)
     if "scheduler" in state:  # absent in a checkpoint converted from Hugging Face: the schedule starts
         run.scheduler.load_state_dict(state["scheduler"])
+    log.info("resumed from %s at step %d", where, state["step"])
     if dist.get_rank() == 0:
         print(f"neox-sophia: resumed from {where} at step {state['step']}", flush=True)
     return int(state["step"]), state.get("nonfinite_steps", 0)
@@ -226,8 +232,9 @@ def _should_save(cfg: NeoXConfig, step: int) -> bool:
 
 def _save(run: Run, step: int, nonfinite: int) -> None:
     state = {"step": step, "scheduler": run.scheduler.state_dict(), "nonfinite_steps": nonfinite}
-    ckpt.save(run.engine, run.cfg.checkpoint.save, step, state, run.cfg.values,
-              keep_last=run.cfg.checkpoint.keep_last_n_checkpoints, layout=_layout_record(run))
+    path = ckpt.save(run.engine, run.cfg.checkpoint.save, step, state, run.cfg.values,
+                     keep_last=run.cfg.checkpoint.keep_last_n_checkpoints, layout=_layout_record(run))
+    log.info("saved checkpoint %s", path)
 
 
 def _one_step(run: Run, step: int, result: RunResult) -> bool:
@@ -252,21 +259,25 @@ def _one_step(run: Run, step: int, result: RunResult) -> bool:
     return outcome.finite
 
 
-def train_loop(run: Run, start_step: int = 0, nonfinite: int = 0) -> RunResult:
+def train_loop(run: Run, start_step: int = 0, nonfinite: int = 0,
+               signals: Optional[StopSignals] = None) -> RunResult:
+    """Train from ``start_step`` to train_iters. With ``signals`` (installed handlers; `train` gives
+    them) the ranks stop together, saved, at the first step boundary after a SIGTERM/SIGINT."""
     cfg, lay = run.cfg, run.layout
     t = cfg.training
     rank = dist.get_rank()
-    metrics = Metrics(cfg.logging.log_dir, cfg.logging.tensorboard_dir, rank, t.train_iters)
+    metrics = Metrics(cfg.logging, rank, t.train_iters, cfg.values)
     result = RunResult(start_step, nonfinite_steps=nonfinite)
-    in_a_row, window_start, window_steps, began = 0, time.time(), 0, time.time()
+    progress, in_a_row, began = Progress(), 0, time.time()
     step = start_step
+    log.info("training steps %d..%d", step + 1, t.train_iters)
     try:
         while step < t.train_iters:
             refreshes = result.hessian_updates
             applied = _one_step(run, step, result)
             hessian_update = result.hessian_updates > refreshes
             step += 1
-            window_steps += 1
+            progress.step()
             in_a_row = 0 if applied else in_a_row + 1
             result.nonfinite_steps += 0 if applied else 1
             if in_a_row >= t.max_nonfinite_steps:
@@ -274,27 +285,60 @@ def train_loop(run: Run, start_step: int = 0, nonfinite: int = 0) -> RunResult:
                                     f"lower the lr (optimizer.params.lr) or raise rho, or resume from the last "
                                     f"checkpoint (max_nonfinite_steps={t.max_nonfinite_steps})")
             if step % cfg.logging.log_interval == 0 or step == t.train_iters:
-                elapsed = time.time() - window_start
-                tokens = window_steps * lay.train_batch_size * cfg.model.seq_length
                 record = {"step": step, "loss": result.train_loss[step], "lr": run.scheduler.get_last_lr()[0],
                           "grad_norm": result.grad_norm, "hessian_update": hessian_update,
-                          "tokens_per_s": tokens / max(elapsed, 1e-9), "elapsed_s": time.time() - began,
-                          "nonfinite_steps": result.nonfinite_steps,
+                          "elapsed_s": time.time() - began, "nonfinite_steps": result.nonfinite_steps,
                           **_sophia_statistics(run)}
-                record["eta_s"] = (t.train_iters - step) * elapsed / max(window_steps, 1)
+                record.update(progress.report(lay.train_batch_size * cfg.model.seq_length, t.train_iters - step,
+                                              _pauses_to_come(run, step)))
                 metrics.train(record)
-                window_start, window_steps = time.time(), 0
+                log.info("step %d/%d", step, t.train_iters)
             if run.valid_data is not None and step % cfg.logging.eval_interval == 0:
-                p = step // cfg.logging.eval_interval
-                loss = evaluate(run.engine, run.micro_batches(run.valid_data, p, cfg.logging.eval_iters), run.pipeline)
+                with progress.pause("eval"):
+                    p = step // cfg.logging.eval_interval
+                    loss = evaluate(run.engine, run.micro_batches(run.valid_data, p, cfg.logging.eval_iters),
+                                    run.pipeline)
                 result.val_loss[step] = loss
                 metrics.eval(step, loss)
-            if _should_save(cfg, step):
-                _save(run, step, result.nonfinite_steps)
+            saved = _should_save(cfg, step)
+            if saved:
+                with progress.pause("save"):
+                    _save(run, step, result.nonfinite_steps)
             result.step = step
+            # every rank takes part, so that all stop at this same step (and save it together)
+            if signals is not None and step < t.train_iters and (signum := signals.agreed(run.device)):
+                _stop(run, step, result, signum, saved)
+                break
     finally:
         metrics.close()
+    if result.stopped_by is None:
+        log.info("finished at step %d", result.step)
     return result
+
+
+def _pauses_to_come(run: Run, step: int) -> Dict[str, int]:
+    """How many evals and checkpoint saves are still to come after ``step`` (for the ETA;
+    extra_save_iters are left out)."""
+    cfg = run.cfg
+    end = cfg.training.train_iters
+    every = cfg.checkpoint.checkpoint_factor
+    saves = (end // every - step // every if every else 0) + (0 if every and end % every == 0 else 1)
+    evals = end // cfg.logging.eval_interval - step // cfg.logging.eval_interval
+    return {"eval": evals if run.valid_data is not None else 0, "save": saves if cfg.checkpoint.save else 0}
+
+
+def _stop(run: Run, step: int, result: RunResult, signum: int, saved: bool) -> None:
+    """The ranks agreed to stop after ``step`` (a signal): save there unless just saved, say so."""
+    save = run.cfg.checkpoint.save
+    if save and not saved:
+        _save(run, step, result.nonfinite_steps)
+    where = (f"saved checkpoint at step {step} in {save}" if save
+             else f"stopped at step {step}; no checkpoint saved (save is not set)")
+    message = f"received {signal_name(signum)}: {where}"
+    log.warning("%s", message)
+    if dist.get_rank() == 0:
+        print(f"neox-sophia train: {message}", flush=True)
+    result.stopped_by = signal_name(signum)
 
 
 def _count_replicated_once_per_stage(model: torch.nn.Module, grid) -> None:
@@ -331,9 +375,12 @@ def _grad_norm(engine) -> Optional[float]:
 
 def train(cfg: NeoXConfig) -> RunResult:
     run = setup(cfg)
+    log.info("set up: world size %d (tp %d, pp %d, dp %d), %s, %s", run.layout.world_size, run.layout.tp,
+             run.layout.pp, run.layout.dp, run.device, dist.get_backend())
     start, nonfinite = _resume(run)
     if start >= cfg.training.train_iters and dist.get_rank() == 0:
         print(f"neox-sophia: nothing to train: the checkpoint in {cfg.checkpoint.load} is at step {start} "
               f"and train_iters is {cfg.training.train_iters}; raise train_iters or use a new save/load "
               f"directory", flush=True)
-    return train_loop(run, start, nonfinite)
+    with StopSignals() as signals:
+        return train_loop(run, start, nonfinite, signals)

@@ -1,18 +1,24 @@
 """What a run reports: one JSON object per logged step in log_dir/metrics.jsonl, a readable line
-on rank 0's stdout, and TensorBoard scalars when tensorboard_dir is set (and tensorboard is
-installed). Only rank 0 writes.
+on rank 0's stdout, TensorBoard scalars when tensorboard_dir is set (and tensorboard is installed)
+and Weights & Biases when use_wandb is true (and wandb is installed). Only rank 0 writes.
 
 metrics.jsonl records:
-    train: step, loss, lr, grad_norm, clip_frac, win_rate, hessian_update, tokens_per_s, elapsed_s
+    train: step, loss, lr, grad_norm, clip_frac, win_rate, hessian_update, tokens_per_s, elapsed_s,
+           eta_s, nonfinite_steps
     eval:  step, val_loss
+
+tokens_per_s counts training time only (``Progress``); the ETA adds the evals and checkpoint saves
+still to come, each at the duration last measured for it.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import sys
-from typing import Any, Dict, Optional
+import time
+from typing import Any, Dict, Iterator, Optional
 
 
 def _duration(seconds: float) -> str:
@@ -44,25 +50,63 @@ def format_train_line(record: Dict[str, Any], train_iters: int) -> str:
     return " | ".join(parts)
 
 
+class Progress:
+    """Throughput and ETA of the training steps since the last report. Time inside ``pause(kind)``
+    (an eval, a checkpoint save) is left out of the throughput and counted per kind instead."""
+
+    def __init__(self) -> None:
+        self.window_start = time.time()
+        self.window_steps = 0
+        self.paused_s = 0.0
+        self.cost_s: Dict[str, float] = {}  # kind -> duration of its last occurrence
+
+    def step(self) -> None:
+        self.window_steps += 1
+
+    @contextlib.contextmanager
+    def pause(self, kind: str) -> Iterator[None]:
+        began = time.time()
+        try:
+            yield
+        finally:
+            self.cost_s[kind] = time.time() - began
+            self.paused_s += self.cost_s[kind]
+
+    def report(self, tokens_per_step: int, remaining_steps: int, remaining: Dict[str, int]) -> Dict[str, float]:
+        """{tokens_per_s, eta_s} of this window, then a new window. ``remaining``: kind -> how many
+        pauses of that kind are still to come (those not measured yet count as free)."""
+        train_s = max(time.time() - self.window_start - self.paused_s, 1e-9)
+        step_s = train_s / max(self.window_steps, 1)
+        eta = remaining_steps * step_s + sum(n * self.cost_s.get(kind, 0.0) for kind, n in remaining.items())
+        out = {"tokens_per_s": self.window_steps * tokens_per_step / train_s, "eta_s": eta}
+        self.window_start, self.window_steps, self.paused_s = time.time(), 0, 0.0
+        return out
+
+
 class Metrics:
-    def __init__(self, log_dir: Optional[str], tensorboard_dir: Optional[str], rank: int, train_iters: int):
+    def __init__(self, logging_cfg, rank: int, train_iters: int, run_config: Optional[Dict[str, Any]] = None):
+        """``logging_cfg``: the LoggingConfig section; ``run_config``: the merged config values
+        (recorded by wandb)."""
         self.rank = rank
         self.train_iters = train_iters
         self.file = None
         self.tensorboard = None
+        self.wandb = None
         if rank != 0:
             return
-        if log_dir:
-            os.makedirs(log_dir, exist_ok=True)
-            self.file = open(os.path.join(log_dir, "metrics.jsonl"), "a")
-        if tensorboard_dir:
+        if logging_cfg.log_dir:
+            os.makedirs(logging_cfg.log_dir, exist_ok=True)
+            self.file = open(os.path.join(logging_cfg.log_dir, "metrics.jsonl"), "a")
+        if logging_cfg.tensorboard_dir:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:  # optional dependency
                 print("neox-sophia: tensorboard_dir is set but tensorboard is not installed "
                       "(pip install tensorboard); not writing event files", file=sys.stderr)
             else:
-                self.tensorboard = SummaryWriter(tensorboard_dir)
+                self.tensorboard = SummaryWriter(logging_cfg.tensorboard_dir)
+        if logging_cfg.use_wandb:
+            self.wandb = _start_wandb(logging_cfg, run_config)
 
     def write(self, record: Dict[str, Any], line: Optional[str] = None) -> None:
         if self.rank != 0:
@@ -77,6 +121,10 @@ class Metrics:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
                     self.tensorboard.add_scalar(f"{prefix}/{key}", value, record["step"])
+        if self.wandb:
+            prefix = "eval" if "val_loss" in record else "train"
+            self.wandb.log({f"{prefix}/{k}": v for k, v in record.items() if k != "step" and v is not None},
+                           step=record["step"])
 
     def train(self, record: Dict[str, Any]) -> None:
         self.write(record, format_train_line(record, self.train_iters))
@@ -90,3 +138,26 @@ class Metrics:
             self.file.close()
         if self.tensorboard:
             self.tensorboard.close()
+        if self.wandb:
+            self.wandb.finish()
+
+
+def _start_wandb(logging_cfg, run_config: Optional[Dict[str, Any]]):
+    """The wandb module with a run started, or None (said in one line) when it cannot be."""
+    try:
+        import wandb
+    except ImportError:
+        print("neox-sophia: use_wandb is true but wandb is not installed (pip install wandb); "
+              "training without it", file=sys.stderr)
+        return None
+    if logging_cfg.wandb_host:  # a self-hosted server; WANDB_BASE_URL is how wandb is pointed at one
+        os.environ["WANDB_BASE_URL"] = logging_cfg.wandb_host
+    try:
+        wandb.init(project=logging_cfg.wandb_project, group=logging_cfg.wandb_group,
+                   name=logging_cfg.wandb_run_name, entity=logging_cfg.wandb_team, config=run_config,
+                   dir=logging_cfg.log_dir)
+    except Exception as e:  # not logged in, no network...: the run matters more than its dashboard
+        print(f"neox-sophia: use_wandb: wandb.init failed ({type(e).__name__}: {e}); training without it "
+              f"(run `wandb login`, or set use_wandb to false)", file=sys.stderr)
+        return None
+    return wandb
