@@ -280,27 +280,35 @@ class LoggingConfig:
         check(self.eval_iters >= 0, "eval_iters", f"must be >= 0 (got {self.eval_iters})")
 
 
-LAUNCHERS = ("pdsh", "openmpi", "mvapich", "slurm")
+# The launchers DeepSpeed's runner knows (deepspeed.launcher.runner.LAUNCHER_CLASSES; a test keeps
+# the two equal). Only a run across hosts uses one; a single host is always started locally.
+LAUNCHERS = ("pdsh", "openmpi", "mpich", "impi", "mvapich", "slurm")
 
 
 @dataclass
 class LaunchConfig:
+    """What `neox-sophia launch` hands DeepSpeed's runner; its command-line flags win over these."""
+
     hostfile: Optional[str] = None
-    """DeepSpeed hostfile ("host slots=N" lines)."""
+    """DeepSpeed hostfile: one "host slots=N" line per node, # comments (launch/hostfile.example)."""
     include: Optional[str] = None
-    """DeepSpeed --include (hosts/GPUs to use)."""
+    """DeepSpeed --include: "host1@host2:0,2" uses all of host1 and slots 0 and 2 of host2."""
     exclude: Optional[str] = None
-    """DeepSpeed --exclude."""
+    """DeepSpeed --exclude, same syntax; not together with include, num_nodes or num_gpus."""
     num_nodes: int = -1
     """Use the first N hosts of the hostfile (-1: all)."""
     num_gpus: Optional[int] = None
-    """GPUs per host (default: all)."""
+    """Processes (GPUs) per host, the first N slots of each (default: all its slots)."""
     master_port: int = 29500
+    """TCP port of rank 0's rendezvous."""
     master_addr: Optional[str] = None
+    """Address of rank 0's host (default: DeepSpeed asks the first host over ssh)."""
     launcher: str = "pdsh"
-    """Multi-node launcher: pdsh, openmpi, mvapich or slurm."""
+    """How the runner reaches the other hosts: pdsh, openmpi, mpich, impi, mvapich or slurm."""
     force_multi: bool = False
+    """Use the multi-node launcher even for a single host."""
     no_ssh_check: bool = False
+    """Skip the runner's passwordless-ssh probe of the first host."""
     deepspeed_mpi: bool = False
     """Discover ranks from MPI (mpirun) instead of the launcher's environment."""
     deepspeed_slurm: bool = False
@@ -312,6 +320,10 @@ class LaunchConfig:
 
     def validate(self) -> None:
         check(self.launcher in LAUNCHERS, "launcher", f"'{self.launcher}' is not one of {list(LAUNCHERS)}")
+        check(self.num_nodes == -1 or self.num_nodes > 0, "num_nodes",
+              f"must be positive, or -1 for every host (got {self.num_nodes})")
+        check(self.num_gpus is None or self.num_gpus > 0, "num_gpus", f"must be positive (got {self.num_gpus})")
+        check(0 < self.master_port < 65536, "master_port", f"must be a TCP port (got {self.master_port})")
         check(self.distributed_backend in ("nccl", "gloo", "mpi"), "distributed_backend",
               f"'{self.distributed_backend}' is not one of nccl, gloo, mpi")
         check(self.global_num_gpus is None or self.global_num_gpus > 0, "global_num_gpus",
