@@ -44,6 +44,17 @@ def test_ratio_is_null_when_never_reached():
     assert bench.steps_to_reach_ratio({**diverged_reference, "val_loss": [5.0, math.inf]}, adamw)["steps_ratio"] is None
 
 
+def test_comparison_reports_both_directions():
+    bench = _tool()
+    adamw = {"curve": _curve([5.0, 4.5, 4.2, 4.0])}
+    sophia = {"curve": _curve([5.2, 4.9, 4.6, 4.4])}     # ends above AdamW: AdamW got there at step 30
+    c = bench.comparison(adamw, sophia)
+    assert c["steps_to_adamw_final_loss_ratio"] is None and c["seconds_to_adamw_final_loss_ratio"] is None
+    assert c["adamw_reaches_sophia_final"]["step"] == 30 and c["adamw_steps_to_sophia_final_loss_ratio"] == 0.75
+    c = bench.comparison(sophia, adamw)                  # the other way round: the roles swap
+    assert c["steps_to_adamw_final_loss_ratio"] == 0.75 and c["adamw_steps_to_sophia_final_loss_ratio"] is None
+
+
 def test_first_step_and_edges():
     bench = _tool()
     assert bench.first_step_reaching([10, 20, 30], [3.0, 2.0, 1.0], 2.5) == 1
@@ -95,8 +106,23 @@ def test_tiny_grid_writes_the_json(tmp_path):
     assert result["seconds_to_adamw_final_loss_ratio"] == expected["seconds_ratio"]
     assert {"cpu", "cpu_cores", "torch"} <= set(result["machine"])
     assert result["best"]["adamw"]["at_edge"]["lr"] in ("lower", "upper", None)
+    assert result["adamw_steps_to_sophia_final_loss_ratio"] == expected_reverse_ratio(result)
     try:
         import matplotlib  # noqa: F401
         assert out.with_suffix(".png").exists()
     except ImportError:
         assert "pip install matplotlib" in done.stderr and not out.with_suffix(".png").exists()
+    # --replot recomputes the comparison of a result file without training
+    del result["adamw_steps_to_sophia_final_loss_ratio"]
+    out.write_text(json.dumps(result))
+    again = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "bench_convergence.py"), "--replot", str(out),
+                            "--plot", "none"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert again.returncode == 0, again.stderr[-3000:]
+    replotted = json.loads(out.read_text())
+    assert replotted["adamw_steps_to_sophia_final_loss_ratio"] == expected_reverse_ratio(replotted)
+    assert replotted["steps_to_adamw_final_loss_ratio"] == result["steps_to_adamw_final_loss_ratio"]
+
+
+def expected_reverse_ratio(result):
+    return _tool().steps_to_reach_ratio(result["best"]["sophia"]["best"]["curve"],
+                                        result["best"]["adamw"]["best"]["curve"])["steps_ratio"]

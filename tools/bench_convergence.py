@@ -367,6 +367,19 @@ def machine() -> dict:
     return info
 
 
+def comparison(a_best: dict, s_best: dict) -> dict:
+    """The headline figures from the two best curves: how soon Sophia reaches AdamW's final
+    validation loss and, the other way round, how soon AdamW reaches Sophia's (whichever ends
+    lower, one of the two is informative)."""
+    ratio = steps_to_reach_ratio(a_best["curve"], s_best["curve"])
+    reverse = steps_to_reach_ratio(s_best["curve"], a_best["curve"])
+    return {"steps_to_adamw_final_loss_ratio": ratio["steps_ratio"],
+            "seconds_to_adamw_final_loss_ratio": ratio["seconds_ratio"],
+            "sophia_reaches_adamw_final": ratio,
+            "adamw_steps_to_sophia_final_loss_ratio": reverse["steps_ratio"],
+            "adamw_reaches_sophia_final": reverse}
+
+
 def report(bench: Bench, adamw: List[dict], sophia: List[dict], started: float) -> dict:
     a, s = summarize("adamw", adamw), summarize("sophia", sophia)
     ratio = steps_to_reach_ratio(a["best"]["curve"], s["best"]["curve"])
@@ -407,9 +420,7 @@ def report(bench: Bench, adamw: List[dict], sophia: List[dict], started: float) 
         "runs": {"adamw": adamw, "sophia": sophia},
         "best": {"adamw": a, "sophia": s},
         "final_val_loss": {"adamw": final_loss(a["best"]), "sophia": final_loss(s["best"])},
-        "steps_to_adamw_final_loss_ratio": ratio["steps_ratio"],
-        "seconds_to_adamw_final_loss_ratio": ratio["seconds_ratio"],
-        "sophia_reaches_adamw_final": ratio,
+        **comparison(a["best"], s["best"]),
         "train_seconds": {"adamw": a["best"]["train_seconds"], "sophia": s["best"]["train_seconds"]},
         "notes": notes,
         "machine": machine(),
@@ -443,8 +454,12 @@ def plot(result: dict, path: str) -> bool:
         ax.grid(alpha=0.3)
         ax.legend()
     m = result["model"]
+    ratio, reverse = result["steps_to_adamw_final_loss_ratio"], result.get("adamw_steps_to_sophia_final_loss_ratio")
+    headline = (f"Sophia reaches AdamW's final loss in {ratio:.2f}x its steps" if ratio is not None
+                else "Sophia does not reach AdamW's final loss" + (
+                    f" (AdamW reaches Sophia's in {reverse:.2f}x the steps)" if reverse is not None else ""))
     fig.suptitle(f"{m['parameters'] / 1e6:.1f}M params, {result['tokens_per_step']:,} tokens/step, "
-                 f"{result['train_iters']} steps; steps ratio {result['steps_to_adamw_final_loss_ratio']}", fontsize=10)
+                 f"{result['train_iters']} steps: {headline}", fontsize=10)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -507,13 +522,34 @@ def parse_args(argv=None):
     p.add_argument("--label", default="default", help="a label stored in the JSON (e.g. short)")
     p.add_argument("--output", default=str(ROOT / "benchmarks" / "convergence.json"))
     p.add_argument("--plot", default=None, help="PNG path (default: --output with .png); 'none' to skip")
+    p.add_argument("--replot", metavar="JSON", help="recompute the comparison and the plot of an earlier "
+                                                    "result file (no training); writes it back, and its PNG")
     p.add_argument("--estimate", type=int, nargs="?", const=10, default=None, metavar="STEPS",
                    help="only time STEPS steps (default 10) of each optimizer and project the grid's time")
     return p.parse_args(argv)
 
 
+def replot(path: str, png: Optional[str]) -> int:
+    result = json.loads(Path(path).read_text("utf-8"))
+    result.update(comparison(result["best"]["adamw"]["best"], result["best"]["sophia"]["best"]))
+    _write_json(result, path)
+    png = png or str(Path(path).with_suffix(".png"))
+    wrote = png != "none" and plot(result, png)
+    print(f"bench_convergence: rewrote {path}" + (f" and {png}" if wrote else ""))
+    return 0
+
+
+def _write_json(result: dict, path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    Path(tmp).write_text(json.dumps(_finite(result), indent=1, allow_nan=False) + "\n", "utf-8")
+    os.replace(tmp, path)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.replot:
+        return replot(args.replot, args.plot)
     if args.device == "cpu":  # before torch / deepspeed pick an accelerator
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -534,10 +570,7 @@ def main(argv=None) -> int:
     if dist.get_rank() != 0:
         return 0
     result = report(bench, adamw, sophia, started)
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    tmp = args.output + ".tmp"
-    Path(tmp).write_text(json.dumps(_finite(result), indent=1, allow_nan=False) + "\n", "utf-8")
-    os.replace(tmp, args.output)
+    _write_json(result, args.output)
     png = args.plot or str(Path(args.output).with_suffix(".png"))
     wrote_png = png != "none" and plot(result, png)
     best_a, best_s = result["best"]["adamw"]["best"], result["best"]["sophia"]["best"]
@@ -547,7 +580,10 @@ def main(argv=None) -> int:
     print(f"  Sophia  best lr {best_s['lr']:g} rho {best_s['rho']:g}: final val_loss {result['final_val_loss']['sophia']:.4f}")
     r = result["sophia_reaches_adamw_final"]
     if r["steps_ratio"] is None:
-        print("  Sophia never reached AdamW's final validation loss: steps/seconds ratios are null")
+        reverse = result["adamw_reaches_sophia_final"]
+        print("  Sophia never reached AdamW's final validation loss: steps/seconds ratios are null" + (
+            f"; AdamW reached Sophia's final loss at step {reverse['step']} (ratio {reverse['steps_ratio']:.3f})"
+            if reverse["steps_ratio"] is not None else ""))
     else:
         print(f"  Sophia reached AdamW's final val_loss at step {r['step']}: steps ratio {r['steps_ratio']:.3f}, "
               f"seconds ratio {r['seconds_ratio']:.3f}")
