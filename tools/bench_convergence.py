@@ -447,7 +447,7 @@ def plot(result: dict, path: str) -> bool:
         by_step.plot(c["step"], c["val_loss"], color=color, label=label)
         by_time.plot(c["seconds"], c["val_loss"], color=color, label=label)
     target = result["final_val_loss"]["adamw"]
-    for ax, xlabel in ((by_step, "step"), (by_time, "training seconds")):
+    for ax, xlabel in ((by_step, "step"), (by_time, "training seconds (each run as timed; shared machines vary)")):
         ax.axhline(target, color="gray", lw=0.8, ls="--")
         ax.set_xlabel(xlabel)
         ax.set_ylabel("validation loss")
@@ -498,6 +498,7 @@ def estimate(bench: Bench, steps: int) -> dict:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # deepspeed's launcher adds it; LOCAL_RANK is read
     p.add_argument("configs", nargs="*", default=[DEFAULT_CONFIG],
                    help="GPT-NeoX YAML files (default: configs/bench_convergence.yml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], help="key=value, as for `neox-sophia train`")

@@ -209,6 +209,7 @@ def measure_memory(configs: List[str], overrides: List[str], k: int) -> Dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # deepspeed's launcher adds it; LOCAL_RANK is read
     parser.add_argument("configs", nargs="+")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--blocks", type=int, default=5, help="timed blocks of k iterations per optimizer")
