@@ -31,11 +31,11 @@ import signal
 import subprocess
 import sys
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Dict, List, Optional
 
 from neox_sophia.config.base import ConfigError
-from neox_sophia.config.sections import LAUNCHERS
+from neox_sophia.config.sections import LAUNCHERS, LaunchConfig
 
 # launchers that start the whole hostfile through MPI: no host/slot filters, and (but openmpi)
 # the same slot count on every host (deepspeed.launcher.multinode_runner)
@@ -50,19 +50,10 @@ class LaunchError(ConfigError):
 
 
 @dataclass
-class LaunchSettings:
-    """The launch keys after command-line flags were applied (None: the runner's default)."""
+class LaunchSettings(LaunchConfig):
+    """The config's launch keys after command-line flags were applied (None: the runner's
+    default), and the two settings only the command line has."""
 
-    hostfile: Optional[str] = None
-    include: Optional[str] = None
-    exclude: Optional[str] = None
-    num_nodes: int = -1
-    num_gpus: Optional[int] = None
-    master_addr: Optional[str] = None
-    master_port: int = 29500
-    launcher: str = "pdsh"
-    force_multi: bool = False
-    no_ssh_check: bool = False
     no_ssh: bool = False
     node_rank: Optional[int] = None
 
@@ -93,10 +84,8 @@ def settings_from(launch, args: argparse.Namespace) -> LaunchSettings:
         flag = getattr(args, key, None)
         return flag if flag is not None else getattr(launch, key)
 
-    keys = ("hostfile", "include", "exclude", "num_nodes", "num_gpus", "master_addr", "master_port",
-            "launcher", "force_multi", "no_ssh_check")
-    s = LaunchSettings(**{key: pick(key) for key in keys}, no_ssh=bool(getattr(args, "no_ssh", False)),
-                       node_rank=getattr(args, "node_rank", None))
+    s = LaunchSettings(**{f.name: pick(f.name) for f in fields(launch)},
+                       no_ssh=bool(getattr(args, "no_ssh", False)), node_rank=getattr(args, "node_rank", None))
     if s.hostfile is None and os.path.isfile(DLTS_HOSTFILE):
         s.hostfile = DLTS_HOSTFILE  # the runner's default; named on the command so that both agree
     return s
