@@ -116,13 +116,12 @@ class Metrics:
         if self.file:
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
+        prefix = "eval" if "val_loss" in record else "train"
         if self.tensorboard:
-            prefix = "eval" if "val_loss" in record else "train"
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
                     self.tensorboard.add_scalar(f"{prefix}/{key}", value, record["step"])
         if self.wandb:
-            prefix = "eval" if "val_loss" in record else "train"
             self.wandb.log({f"{prefix}/{k}": v for k, v in record.items() if k != "step" and v is not None},
                            step=record["step"])
 
