@@ -70,7 +70,9 @@ def twin_configs(configs: List[str], overrides: List[str], iterations: int, k: i
     return sophia_cfg, adamw_cfg
 
 
-def measure(configs: List[str], overrides: List[str], blocks: int, k: int) -> Dict:
+def measure(configs: List[str], overrides: List[str], blocks: int, k: int,
+            peak: Optional[float] = None) -> Dict:
+    """``peak``: the device's peak TFLOP/s for MFU (default: peak_tflops' table)."""
     import torch.distributed as dist
 
     from neox_sophia.plan import model_flops_per_token
@@ -107,7 +109,7 @@ def measure(configs: List[str], overrides: List[str], blocks: int, k: int) -> Di
     result["model_flops_per_token"] = flops
     result["tflops_per_rank"] = {name: tps * flops / lay.world_size / 1e12
                                  for name, tps in result["tokens_per_s"].items()}
-    peak = peak_tflops(result["device"], sophia_cfg.engine.resolved_precision)
+    peak = peak or peak_tflops(result["device"], sophia_cfg.engine.resolved_precision)
     result["peak_tflops"] = peak
     result["mfu"] = {name: t / peak for name, t in result["tflops_per_rank"].items()} if peak else None
     result["rank"] = dist.get_rank()
@@ -119,9 +121,7 @@ def measure(configs: List[str], overrides: List[str], blocks: int, k: int) -> Di
 PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.4), ("H200", 989.4), ("A100", 312.0))
 
 
-def peak_tflops(device: str, precision: str, given: Optional[float] = None) -> Optional[float]:
-    if given:
-        return given
+def peak_tflops(device: str, precision: str) -> Optional[float]:
     if precision not in ("bfloat16", "fp16"):
         return None
     return next((peak for name, peak in PEAK_TFLOPS if name in device), None)
@@ -227,10 +227,7 @@ def main(argv=None) -> int:
     if args.memory and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise SystemExit("bench_overhead: --memory runs each optimizer in a child process of one rank; "
                          "run it without a launcher")
-    result = measure(args.configs, args.overrides, args.blocks, args.k)
-    if args.peak_tflops:
-        result["peak_tflops"] = args.peak_tflops
-        result["mfu"] = {name: t / args.peak_tflops for name, t in result["tflops_per_rank"].items()}
+    result = measure(args.configs, args.overrides, args.blocks, args.k, args.peak_tflops)
     if result.pop("rank") != 0:
         return 0
     if args.memory:
