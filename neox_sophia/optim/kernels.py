@@ -89,14 +89,23 @@ def _single_tensor_update(param, grad, exp_avg, hessian, *, lr, beta1, rho_bs, e
 
 def sophia_update(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
                   hessians: List[Tensor], *, lr: float, beta1: float, rho: float, bs: float,
-                  eps: float, weight_decay: float, maximize: bool = False, foreach: bool = True,
+                  eps: float, weight_decay: float, hessian_scale: float = 1.0,
+                  hessian_floor: float = 0.0, maximize: bool = False, foreach: bool = True,
                   wave_numel: Optional[int] = None) -> None:
-    """Functional Sophia step on same-device, same-dtype lists (updates params and exp_avgs)."""
+    """Functional Sophia step on same-device, same-dtype lists (updates params and exp_avgs).
+
+    The Hessian enters as max(hessian_scale * h, hessian_floor): ``hessian_scale`` is the EMA's
+    bias correction 1/(1 - b2^n) when enabled, ``hessian_floor`` a lower bound on the curvature
+    (both options beyond the paper; the defaults 1 and 0 leave the paper's rule, bit for bit).
+    Folded into the two scalars the kernels already take: d = max(rho*bs*scale*h, max(rho*bs*floor,
+    eps)), so no option costs a pass over memory.
+    """
     if not params:
         return
     if maximize:
         grads = [torch.neg(g) for g in grads]
-    hyper = dict(lr=lr, beta1=beta1, rho_bs=rho * bs, eps=eps, weight_decay=weight_decay)
+    hyper = dict(lr=lr, beta1=beta1, rho_bs=rho * bs * hessian_scale,
+                 eps=max(rho * bs * hessian_floor, eps), weight_decay=weight_decay)
     if not foreach:
         for p, g, m, h in zip(params, grads, exp_avgs, hessians):
             _single_tensor_update(p, g, m, h, **hyper)
