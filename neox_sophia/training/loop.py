@@ -28,6 +28,7 @@ from neox_sophia.training import checkpoint as ckpt
 from neox_sophia.training.checkpoint import is_universal
 from neox_sophia.training.lifecycle import StopSignals, log, signal_name
 from neox_sophia.training.metrics import Metrics, Progress
+from neox_sophia.training.preflight import refuse_untrainable
 from neox_sophia.training.steps import (collate, evaluate, hessian_uniforms, pipeline_hessian_step,
                                         pipeline_train_step, plain_hessian_step, plain_train_step)
 
@@ -94,7 +95,7 @@ def _device() -> torch.device:
 def setup(cfg: NeoXConfig) -> Run:
     import deepspeed
 
-    from neox_sophia.data.tokenizers import build_tokenizer
+    from neox_sophia.data.tokenizers import build_tokenizer_or_refuse
     from neox_sophia.model import build_model
     from neox_sophia.optim.factory import build_optimizer, weight_decay_groups
     from neox_sophia.optim.schedules import AnnealingLR
@@ -105,22 +106,10 @@ def setup(cfg: NeoXConfig) -> Run:
     layout = cfg.layout(dist.get_world_size())
     if cfg.training.train_iters is None:
         raise TrainingError("train_iters: not set; say how many optimizer steps to train")
-    if cfg.optimizer.type == "sophia" and cfg.optimizer.params["estimator"] != "gnb":
-        raise TrainingError(f"optimizer.params.estimator: the trainer implements 'gnb' (Sophia-G); "
-                            f"'{cfg.optimizer.params['estimator']}' needs a double backward and is available "
-                            f"for single-process use as neox_sophia.optim.hessian.hutchinson")
-    if cfg.engine.resolved_precision == "fp16" and cfg.engine.zero_stage == 0:
-        # DeepSpeed 0.19's engine.backward() applies the loss scale only for ZeRO optimizers, but
-        # its non-ZeRO fp16 optimizers divide the gradients by it all the same (deepspeedai/
-        # DeepSpeed PR #8393, open): every gradient would reach Sophia loss_scale times too small
-        # (measured: 65536x), which Sophia, unlike Adam, is not invariant to.
-        raise TrainingError("zero_optimization: fp16 needs ZeRO stage 1 or 2 with this DeepSpeed: at stage 0 "
-                            "it never applies the loss scale but still divides the gradients by it "
-                            "(deepspeedai/DeepSpeed PR #8393); set zero_optimization.stage to 1 (it works "
-                            "with pipe parallelism too), or use bf16")
+    refuse_untrainable(cfg, layout.world_size)  # what `plan` refuses too (training/preflight.py)
     grid = initialize_model_parallel(cfg.parallel.model_parallel_size, cfg.parallel.pipeline_stages)
     data = cfg.data
-    tokenizer = build_tokenizer(data.tokenizer_type, data.vocab_file, data.merge_file)
+    tokenizer = build_tokenizer_or_refuse(data)
     padded = cfg.padded_vocab_size(tokenizer.vocab_size)
     torch.manual_seed(cfg.training.seed)
     model = build_model(cfg.model, cfg.parallel, padded, grid, cfg.training.seed).to(device)
