@@ -246,3 +246,37 @@ def test_gpt2_bpe_without_merge_file_is_one_line(write):
 def test_a_broken_yaml_file_is_one_line():
     broken = os.path.join(UPSTREAM, "pythia", "12B", "pythia-12b.yml")  # a comma missing upstream
     assert refusal([broken]) == f"{broken}: not valid YAML: line 21 column 4: expected ',' or '}}', but got '<scalar>'"
+
+
+# --- eval_iters counts what NeoX counts --------------------------------------------------------
+
+
+def test_eval_iters_counts_batches_of_train_batch_size_as_neox(monkeypatch):
+    """NeoX's evaluate(): eval_iters iterations of gradient_accumulation_steps micro-batches on
+    every data-parallel rank, the validation iterator going on from pass to pass; its dataset
+    holds (train_iters // eval_interval + 1) x eval_iters x train_batch_size samples."""
+    import types
+
+    import torch
+
+    from neox_sophia.data import datasets
+    from neox_sophia.training import loop
+
+    cfg = load([os.path.join(ROOT, "configs", "quickstart.yml")],
+               ["train_micro_batch_size_per_gpu=2", "gradient_accumulation_steps=3", "eval_iters=2",
+                "train_iters=50", "eval_interval=20"])
+    layout = cfg.layout(4)  # 4 data-parallel ranks: a batch is 2 x 3 x 4 = 24 sequences
+    sample = {key: torch.zeros(8, dtype=torch.long) for key in ("tokens", "labels", "loss_mask")}
+    seen = {}
+    for rank in range(4):
+        run = loop.Run(cfg, None, None, None, types.SimpleNamespace(dp_rank=rank), layout, 512, None,
+                       [sample] * 200, torch.device("cpu"))
+        for evaluation in (0, 1):
+            batches = run.eval_micro_batches(evaluation)
+            assert len(batches) == 2 * 3  # eval_iters x gradient_accumulation_steps per rank
+            seen.setdefault(evaluation, []).extend(i for b in batches for i in b.indices)
+    assert sorted(seen[0]) == list(range(48)) and sorted(seen[1]) == list(range(48, 96))  # 2 x 24 each
+    asked = {}
+    monkeypatch.setattr(datasets, "build_datasets", lambda data, **k: asked.update(k) or ("train", "valid", None))
+    loop._datasets(cfg, layout, tokenizer=None)
+    assert asked["num_samples"][1] == (50 // 20 + 1) * 2 * 24

@@ -272,7 +272,8 @@ class LoggingConfig:
     eval_interval: int = 1000
     """Steps between validation passes."""
     eval_iters: int = 100
-    """Micro-batches per validation pass."""
+    """Batches per validation pass, each of train_batch_size sequences (NeoX's count: an eval
+    iteration is gradient_accumulation_steps micro-batches on every data-parallel rank)."""
     use_wandb: Optional[bool] = None
     """Log the metrics to Weights & Biases from rank 0. Needs `pip install wandb`; without it the
     run says so in one line and goes on. Unset means off (NeoX turns it on when it finds a wandb

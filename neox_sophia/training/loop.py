@@ -77,6 +77,15 @@ class Run:
                                                                             lay.micro_batch_size, micro_steps)],
                         self.device) for m in range(micro_steps)]
 
+    def eval_micro_batches(self, evaluation: int) -> list:
+        """This rank's share of validation pass ``evaluation``: eval_iters batches of
+        train_batch_size sequences, as NeoX counts them (its evaluate() runs
+        gradient_accumulation_steps micro-batches per eval iteration on every data-parallel
+        rank); pass p reads the validation samples right after pass p-1's, as NeoX's iterator."""
+        lay = self.layout
+        return self.micro_batches(self.valid_data, evaluation,
+                                  self.cfg.logging.eval_iters * lay.gradient_accumulation_steps)
+
     def micro_batches(self, dataset, step: int, grad_accum: int) -> list:
         lay, g = self.layout, self.grid
         return [collate(dataset, sample_indices(step, m, g.dp_rank, lay.dp, lay.micro_batch_size, grad_accum),
@@ -134,7 +143,7 @@ def _datasets(cfg: NeoXConfig, layout, tokenizer):
     hessian_samples = (t.train_iters // interval + 1) * cfg.hessian_batch(layout.world_size)[0] if interval else 0
     evals = t.train_iters // cfg.logging.eval_interval + 1
     num_samples = (t.train_iters * layout.train_batch_size + hessian_samples,
-                   evals * cfg.logging.eval_iters * layout.micro_batch_size * layout.dp, 0)
+                   evals * cfg.logging.eval_iters * layout.train_batch_size, 0)  # NeoX's count
     train, valid, _ = build_datasets(cfg.data, seq_length=cfg.model.seq_length, seed=t.seed,
                                      num_samples=num_samples, tokenizer=tokenizer)
     if train is None:
@@ -285,8 +294,7 @@ def train_loop(run: Run, start_step: int = 0, nonfinite: int = 0,
             if run.valid_data is not None and step % cfg.logging.eval_interval == 0:
                 with progress.pause("eval"):
                     p = step // cfg.logging.eval_interval
-                    loss = evaluate(run.engine, run.micro_batches(run.valid_data, p, cfg.logging.eval_iters),
-                                    run.pipeline)
+                    loss = evaluate(run.engine, run.eval_micro_batches(p), run.pipeline)
                 result.val_loss[step] = loss
                 metrics.eval(step, loss)
             saved = _should_save(cfg, step)
