@@ -34,6 +34,9 @@ LAYOUTS = {
     "pp2": (2, dict(pipe_parallel_size=2)),
     "dp2-zero1": (2, dict(train_micro_batch_size_per_gpu=1, zero_optimization={"stage": 1})),
     "dp2-zero2": (2, dict(train_micro_batch_size_per_gpu=1, zero_optimization={"stage": 2})),
+    # Sophia's state (and ZeRO's fp32 partitions) in CPU memory, stepped there by DeepSpeed
+    "dp2-zero1-offload": (2, dict(train_micro_batch_size_per_gpu=1,
+                                  zero_optimization={"stage": 1, "offload_optimizer": {"device": "cpu"}})),
     "tp2-dp2-zero1": (4, dict(model_parallel_size=2, train_micro_batch_size_per_gpu=1,
                               zero_optimization={"stage": 1})),
     "tp2-pp1-dp2-zero1": (4, dict(model_parallel_size=2, pipe_parallel_size=1, train_micro_batch_size_per_gpu=1,
@@ -56,7 +59,8 @@ def layout_worker(rank, world_size, sets):
 
     return {"loss": result.train_loss, "hessian_updates": result.hessian_updates,
             "weights": full_state_dict(run.engine.module),
-            "state": optimizer_state_by_name(run.engine, run.optimizer)}
+            "state": optimizer_state_by_name(run.engine, run.optimizer),
+            "offloaded": getattr(run.engine.optimizer, "cpu_offload", False)}  # ZeRO's offload path
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +82,7 @@ def test_layout_trains_like_one_process(corpus, reference, tmp_path, layout):  #
     world, extra = LAYOUTS[layout]
     out = run_ranks(layout_worker, world, args=(overrides(corpus, str(tmp_path), **COMMON, **extra),))
     assert out[0]["hessian_updates"] == 4
+    assert out[0]["offloaded"] == ("offload" in layout)
     norms = {r["step"]: r["grad_norm"] for r in read_metrics(str(tmp_path)) if "loss" in r}
     for step in range(1, 9):
         assert out[0]["loss"][step] == pytest.approx(reference["loss"][step], rel=1e-5), step
