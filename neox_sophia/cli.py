@@ -84,7 +84,7 @@ def config_path(name: str, conf_dir: Optional[str] = None) -> str:
     """A config name as deepy.py reads it: under ``conf_dir`` when given, '.yml' appended to a
     name without a YAML/JSON extension."""
     path = os.path.join(conf_dir, name) if conf_dir else name
-    return path if path.endswith(CONFIG_SUFFIXES) else path + ".yml"
+    return path if path.lower().endswith(CONFIG_SUFFIXES) else path + ".yml"
 
 
 def resolve_config_args(args: argparse.Namespace) -> None:

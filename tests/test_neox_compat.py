@@ -129,6 +129,9 @@ def test_decay_lr_to_conflicts_and_replacements(write):
     cfg = load([write("c.yml", base + "}")], override_files=[SOPHIA])  # sophia.yml's min_lr replaces it
     assert cfg.training.min_lr == 3.0e-5 and any(n.startswith(f"decay_lr_to: {SOPHIA} replaces 0.1") for n in cfg.notes)
     assert load([write("d.yml", base + "}")], ["min_lr=0.0"]).training.min_lr == 0.0
+    floor = write("e.yml", MODEL + ', "lr_decay_style": "cosine", "min_lr": 0.0}')  # and the other way round
+    assert load([floor], override_files=[write("f.yml", '{"decay_lr_to": 0.5}')]).training.min_lr == 0.5e-4
+    assert load([floor], ["decay_lr_to=0.5"]).training.min_lr == 0.5e-4
 
 
 def test_attention_type_is_what_num_kv_heads_implies(write):

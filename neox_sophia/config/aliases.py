@@ -112,6 +112,12 @@ for _name, _derived in DERIVED.items():
         DERIVED_BY_TARGET.setdefault(_target, []).append(_name)
 
 
+def replaced_by(key: str) -> List[str]:
+    """The keys that setting ``key`` on purpose (an override file, --set) replaces: itself, the
+    older keys that stand for it (min_lr: decay_lr_to), and, for an older key, what it stands for."""
+    return [key, *DERIVED_BY_TARGET.get(key, ()), *(DERIVED[key].targets if key in DERIVED else ())]
+
+
 def resolve_derived(values: Dict[str, Any], origins: Dict[str, str]) -> List[str]:
     """Replace every derived key in ``values`` by the keys it stands for; one note each."""
     notes = []

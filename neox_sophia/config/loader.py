@@ -19,7 +19,7 @@ from typing import Any, Dict, Iterable, List, Tuple
 
 import yaml
 
-from neox_sophia.config.aliases import DERIVED_BY_TARGET, rename
+from neox_sophia.config.aliases import rename, replaced_by
 from neox_sophia.config.base import ConfigError
 
 OVERRIDE = "--set"
@@ -112,9 +112,9 @@ def _file_items(path: str, notes: List[str]):
 
 def _override(path: str, values: Dict[str, Any], origins: Dict[str, str], notes: List[str]) -> None:
     """Merge an override file: its keys replace earlier values whole (one note per replacement),
-    including the older keys that NeoX's current ones replace (decay_lr_to by min_lr...)."""
+    including an older key and the current one it stands for (decay_lr_to and min_lr)."""
     for key, _, value in _file_items(path, notes):
-        replaced = [k for k in [key, *DERIVED_BY_TARGET.get(key, ())] if k in values]
+        replaced = [k for k in replaced_by(key) if k in values]
         for old in replaced:
             notes.append(f"{old}: {path} replaces {_short(values[old])} from {origins[old]}"
                          + ("" if old == key else f" (with {key} = {_short(value)})"))
@@ -144,12 +144,12 @@ def parse_override(text: str) -> Tuple[List[str], Any]:
 
 
 def apply_overrides(values: Dict[str, Any], origins: Dict[str, str], overrides: Iterable[str]) -> None:
-    """Apply ``--set`` overrides in order; a dotted key reaches into a nested block. Setting a key
-    that an older spelling sets (min_lr for decay_lr_to...) replaces that one too."""
+    """Apply ``--set`` overrides in order; a dotted key reaches into a nested block. Setting min_lr
+    replaces an older decay_lr_to, and the other way round (aliases.replaced_by)."""
     for text in overrides:
         path, value = parse_override(text)
         if len(path) == 1:
-            for old in DERIVED_BY_TARGET.get(path[0], ()):
+            for old in replaced_by(path[0])[1:]:
                 values.pop(old, None)
                 origins.pop(old, None)
         target = values
