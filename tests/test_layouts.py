@@ -95,3 +95,22 @@ def test_layout_trains_like_one_process(corpus, reference, tmp_path, layout):  #
         close(weights[name], reference["weights"][name], name, tolerance=1e-3)
         for key in ("exp_avg", "hessian"):
             close(state[name][key], expected[key], f"{name}.{key}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pipe", [0, 1])
+def test_cpu_offload_on_cuda_trains_like_the_state_on_the_gpu(corpus, tmp_path, pipe):  # noqa: F811
+    """On a GPU, offload_optimizer moves Sophia's state and step to CPU memory: the same run."""
+    def run(zero, name):
+        sets = overrides(corpus, str(tmp_path / name), **COMMON, pipe_parallel_size=pipe, zero_optimization=zero)
+        return run_ranks(layout_worker, 1, args=(sets,), accelerator="cuda")[0]
+
+    on_gpu = run({"stage": 1}, "gpu")
+    offloaded = run({"stage": 1, "offload_optimizer": {"device": "cpu"}}, "offload")
+    assert offloaded["offloaded"] and not on_gpu["offloaded"] and offloaded["hessian_updates"] == 4
+    for step in range(1, 9):
+        assert offloaded["loss"][step] == pytest.approx(on_gpu["loss"][step], rel=1e-5), step
+    for name, expected in on_gpu["state"].items():
+        close(offloaded["weights"][name].cpu(), on_gpu["weights"][name].cpu(), name, tolerance=1e-3)
+        for key in ("exp_avg", "hessian"):
+            close(offloaded["state"][name][key].cpu(), expected[key].cpu(), f"{name}.{key}")

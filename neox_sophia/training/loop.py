@@ -29,7 +29,7 @@ from neox_sophia.training.checkpoint import is_universal
 from neox_sophia.training.lifecycle import StopSignals, log, signal_name
 from neox_sophia.training.metrics import Metrics, Progress
 from neox_sophia.training.preflight import refuse_untrainable
-from neox_sophia.training.steps import (collate, evaluate, hessian_uniforms, pipeline_hessian_step,
+from neox_sophia.training.steps import (collate, evaluate, for_collective, hessian_uniforms, pipeline_hessian_step,
                                         pipeline_train_step, plain_hessian_step, plain_train_step)
 
 
@@ -213,7 +213,7 @@ def _sophia_statistics(run: Run) -> Dict[str, float]:
 
     if not isinstance(run.optimizer, Sophia):
         return {"clip_frac": None, "win_rate": None}
-    sums = run.optimizer.statistics_sums()
+    sums = for_collective(run.optimizer.statistics_sums())  # on CPU when the state is offloaded
     if dist.get_world_size() > 1:
         dist.all_reduce(sums)  # ratios are right whether the state is sharded or replicated
     stats = SophiaStatistics.from_sums(sums)
