@@ -97,7 +97,9 @@ def resolve_config_args(args: argparse.Namespace) -> None:
 def print_notes(lines: List[str]) -> None:
     """Config notes (keys read under another name, values replaced) on stderr, once per run:
     from rank 0 when a launcher started several ranks."""
-    if os.environ.get("RANK", "0") == "0":
+    launched_rank = next((os.environ[k] for k in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK",
+                                                  "SLURM_PROCID") if k in os.environ), "0")
+    if launched_rank == "0":  # deepspeed/torchrun, mpirun or srun: the rank they gave this process
         for line in lines:
             print(f"neox-sophia: {line}", file=sys.stderr)
 

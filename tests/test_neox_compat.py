@@ -283,3 +283,16 @@ def test_eval_iters_counts_batches_of_train_batch_size_as_neox(monkeypatch):
     monkeypatch.setattr(datasets, "build_datasets", lambda data, **k: asked.update(k) or ("train", "valid", None))
     loop._datasets(cfg, layout, tokenizer=None)
     assert asked["num_samples"][1] == (50 // 20 + 1) * 2 * 24
+
+
+@pytest.mark.parametrize("env, printed", [({}, True), ({"RANK": "0"}, True), ({"RANK": "3"}, False),
+                                          ({"OMPI_COMM_WORLD_RANK": "1"}, False), ({"SLURM_PROCID": "0"}, True)])
+def test_config_notes_are_said_once_per_run(monkeypatch, capsys, env, printed):
+    from neox_sophia.cli import print_notes
+
+    for key in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    print_notes(["gas: read as gradient_accumulation_steps"])
+    assert capsys.readouterr().err == ("neox-sophia: gas: read as gradient_accumulation_steps\n" if printed else "")
