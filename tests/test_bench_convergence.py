@@ -74,7 +74,7 @@ def test_tiny_grid_writes_the_json(tmp_path):
     prepare_builtin_corpus(corpus, max_bytes=300_000, vocab_size=512, log=None)
     out = tmp_path / "convergence.json"
     sets = ["num_layers=1", "hidden_size=32", "num_attention_heads=2", "seq_length=32", "max_position_embeddings=32",
-            "train_micro_batch_size_per_gpu=2", "gradient_accumulation_steps=2", "eval_iters=2",
+            "train_micro_batch_size_per_gpu=2", "gradient_accumulation_steps=2", "eval_iters=1",
             "optimizer.params.hessian_interval=2"]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
     done = subprocess.run(

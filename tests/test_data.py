@@ -11,6 +11,7 @@ import string
 import textwrap
 from pathlib import Path
 
+import numpy
 import pytest
 import sentencepiece
 import torch
@@ -18,7 +19,7 @@ import zstandard
 from tokenizers import ByteLevelBPETokenizer
 
 from neox_sophia.config.sections import DataConfig
-from neox_sophia.data import corpus, preprocess
+from neox_sophia.data import corpus, preprocess, progress
 from neox_sophia.data.datasets import (DataError, batch_for, build_datasets, read_index,
                                        sample_indices)
 from neox_sophia.data.tokenizers import build_tokenizer
@@ -186,6 +187,104 @@ def test_bad_input_is_one_line_naming_the_file(files, tmp_path, capsys, case):
     line = {"bad_json": ":3:", "missing_key": ":3:", "not_string": ":3:"}.get(case)
     assert line is None or f"{path}{line}" in err
     assert not [p for p in os.listdir(tmp_path) if p.startswith("o_")]  # nothing half-written
+
+
+def _cli(*argv):
+    parser = argparse.ArgumentParser()
+    preprocess.add_arguments(parser)
+    return preprocess.run(parser.parse_args([str(a) for a in argv]))
+
+
+def test_neox_readme_command_line_works_and_says_mmap_is_a_no_op(files, tmp_path, capsys):
+    """The command of GPT-NeoX's README, argument for argument (--vocab is argparse's prefix of
+    --vocab-file there too), plus --num-docs and --log-interval."""
+    code = _cli("--input", files["b"], "--output-prefix", tmp_path / "mydataset", "--vocab", files["vocab.json"],
+                "--merge-file", files["merges.txt"], "--dataset-impl", "mmap", "--tokenizer-type", "GPT2BPETokenizer",
+                "--append-eod", "--num-docs", "80", "--log-interval", "20")
+    err = capsys.readouterr().err.splitlines()
+    assert code == 0
+    assert [line for line in err if "--dataset-impl" in line] == [
+        "neox-sophia preprocess: --dataset-impl mmap: accepted, changes nothing (mmap is the only format written)"]
+    tok = build_tokenizer("GPT2BPETokenizer", files["vocab.json"], files["merges.txt"])
+    expected = [tok.encode(d) + [tok.eod_id] for d in files["docs"][120:] if d]
+    assert _read_documents(tmp_path / "mydataset_text_document")[1] == expected
+
+
+def test_other_dataset_impls_are_refused_in_one_line(files, tmp_path, capsys):
+    code = _cli("--input", files["a"], "--output-prefix", tmp_path / "x", "--tokenizer-type", "HFTokenizer",
+                "--vocab-file", files["tokenizer"], "--dataset-impl", "cached")
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "--dataset-impl cached" in err and "use mmap" in err
+
+
+def test_ftfy_repairs_text_before_tokenizing(files, tmp_path):
+    ftfy = pytest.importorskip("ftfy")
+    broken = ["The cafÃ© is naÃ¯ve", "plain text", "â€œquotedâ€\x9d"]
+    path = _write_jsonl(tmp_path / "m.jsonl", broken)
+    tok = build_tokenizer("HFTokenizer", files["tokenizer"])
+    assert _cli("--input", path, "--output-prefix", tmp_path / "f", "--tokenizer-type", "HFTokenizer",
+                "--vocab-file", files["tokenizer"], "--ftfy", "--workers", "2") == 0
+    fixed = [ftfy.fix_text(t) for t in broken]
+    assert fixed[0] == "The café is naïve"
+    assert _read_documents(tmp_path / "f_text_document")[1] == [tok.encode(t) for t in fixed]
+
+
+def test_ftfy_not_installed_is_one_line(files, tmp_path, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "ftfy", None)  # as if not installed
+    code = _cli("--input", files["a"], "--output-prefix", tmp_path / "f", "--tokenizer-type", "HFTokenizer",
+                "--vocab-file", files["tokenizer"], "--ftfy")
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err == ("neox-sophia preprocess: error: --ftfy needs the ftfy package, which is not "
+                                 "installed: pip install ftfy")
+
+
+def test_char_level_preprocess_writes_utf8_bytes(files, tmp_path):
+    assert _cli("--input", files["a"], "--output-prefix", tmp_path / "c", "--tokenizer-type",
+                "CharLevelTokenizer", "--append-eod") == 0
+    dataset, docs = _read_documents(tmp_path / "c_text_document")
+    assert docs == [list(d.encode("utf-8")) + [0] for d in files["docs"][:120] if d]
+    assert dataset.index.dtype == numpy.uint16  # vocabulary 512
+
+
+class _Clock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_bar_on_a_terminal_and_lines_in_a_log(monkeypatch):
+    clock = _Clock()
+    monkeypatch.setattr(progress.time, "perf_counter", clock)
+    terminal = _Terminal()
+    bar = progress.Progress(terminal, interval=10, total=200)
+    summary = preprocess.Summary(documents=50, tokens=5000)
+    clock.now += 0.1
+    bar.update(summary)
+    assert terminal.getvalue() == ""  # nothing before 0.25 s: a short run shows no bar
+    clock.now += 0.4  # 0.5 s in: 100 documents/s, 10,000 tokens/s
+    bar.update(summary)
+    shown = terminal.getvalue()
+    assert shown.startswith("\rpreprocess: [" + "#" * 7 + "-" * 23 + "]  25% 50/200 documents, 5,000 tokens")
+    assert "(100 docs/s, 10,000 tokens/s, 2 s left)" in shown
+    bar.close()
+    assert terminal.getvalue().endswith("\n")
+    log = io.StringIO()
+    lines = progress.Progress(log, interval=10)
+    for documents in (5, 12, 19, 31):
+        clock.now += 1.0
+        lines.update(preprocess.Summary(documents=documents, tokens=documents * 10))
+    assert [line.split(" (")[0] for line in log.getvalue().splitlines()] == [
+        "preprocess: 12 documents, 120 tokens", "preprocess: 31 documents, 310 tokens"]
+    assert "docs/s" in log.getvalue() and "tokens/s" in log.getvalue()
 
 
 # --- the built-in corpus -----------------------------------------------------------------------

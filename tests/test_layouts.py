@@ -34,6 +34,9 @@ LAYOUTS = {
     "pp2": (2, dict(pipe_parallel_size=2)),
     "dp2-zero1": (2, dict(train_micro_batch_size_per_gpu=1, zero_optimization={"stage": 1})),
     "dp2-zero2": (2, dict(train_micro_batch_size_per_gpu=1, zero_optimization={"stage": 2})),
+    # Sophia's state (and ZeRO's fp32 partitions) in CPU memory, stepped there by DeepSpeed
+    "dp2-zero1-offload": (2, dict(train_micro_batch_size_per_gpu=1,
+                                  zero_optimization={"stage": 1, "offload_optimizer": {"device": "cpu"}})),
     "tp2-dp2-zero1": (4, dict(model_parallel_size=2, train_micro_batch_size_per_gpu=1,
                               zero_optimization={"stage": 1})),
     "tp2-pp1-dp2-zero1": (4, dict(model_parallel_size=2, pipe_parallel_size=1, train_micro_batch_size_per_gpu=1,
@@ -56,7 +59,8 @@ def layout_worker(rank, world_size, sets):
 
     return {"loss": result.train_loss, "hessian_updates": result.hessian_updates,
             "weights": full_state_dict(run.engine.module),
-            "state": optimizer_state_by_name(run.engine, run.optimizer)}
+            "state": optimizer_state_by_name(run.engine, run.optimizer),
+            "offloaded": getattr(run.engine.optimizer, "cpu_offload", False)}  # ZeRO's offload path
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +119,7 @@ def test_layout_trains_like_one_process(corpus, reference, tmp_path, layout):  #
     world, extra = LAYOUTS[layout]
     out = run_ranks(layout_worker, world, args=(overrides(corpus, str(tmp_path), **COMMON, **extra),))
     assert out[0]["hessian_updates"] == 4
+    assert out[0]["offloaded"] == ("offload" in layout)
     norms = {r["step"]: r["grad_norm"] for r in read_metrics(str(tmp_path)) if "loss" in r}
     for step in range(1, 9):
         assert out[0]["loss"][step] == pytest.approx(reference["loss"][step], rel=1e-5), step
@@ -127,3 +132,22 @@ def test_layout_trains_like_one_process(corpus, reference, tmp_path, layout):  #
         close(weights[name], reference["weights"][name], name, tolerance=1e-3)
         for key in ("exp_avg", "hessian"):
             close(state[name][key], expected[key], f"{name}.{key}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pipe", [0, 1])
+def test_cpu_offload_on_cuda_trains_like_the_state_on_the_gpu(corpus, tmp_path, pipe):  # noqa: F811
+    """On a GPU, offload_optimizer moves Sophia's state and step to CPU memory: the same run."""
+    def run(zero, name):
+        sets = overrides(corpus, str(tmp_path / name), **COMMON, pipe_parallel_size=pipe, zero_optimization=zero)
+        return run_ranks(layout_worker, 1, args=(sets,), accelerator="cuda")[0]
+
+    on_gpu = run({"stage": 1}, "gpu")
+    offloaded = run({"stage": 1, "offload_optimizer": {"device": "cpu"}}, "offload")
+    assert offloaded["offloaded"] and not on_gpu["offloaded"] and offloaded["hessian_updates"] == 4
+    for step in range(1, 9):
+        assert offloaded["loss"][step] == pytest.approx(on_gpu["loss"][step], rel=1e-5), step
+    for name, expected in on_gpu["state"].items():
+        close(offloaded["weights"][name].cpu(), on_gpu["weights"][name].cpu(), name, tolerance=1e-3)
+        for key in ("exp_avg", "hessian"):
+            close(offloaded["state"][name][key].cpu(), expected[key].cpu(), f"{name}.{key}")

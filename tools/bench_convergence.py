@@ -8,7 +8,7 @@ validation loss (a held-out split); then the validation-loss curves of the best 
         --sophia-rho 0.03,0.1 --output /tmp/short.json               # a short look
     deepspeed --num_gpus 2 tools/bench_convergence.py CONFIG...      # under a launcher (layout from CONFIG)
     python tools/bench_convergence.py configs/125M.yml configs/sophia.yml --device cuda \\
-        --precision bfloat16 --steps 2000 --eval-interval 100 --set train_batch_size=120 --set eval_iters=8
+        --precision bfloat16 --steps 2000 --eval-interval 100 --set train_batch_size=120 --set eval_iters=1
 
 Every run is built by the trainer (neox_sophia.training.loop.setup / train_loop) from the config
 files plus --set overrides; the tool only replaces the optimizer block, weight_decay and min_lr
@@ -17,7 +17,8 @@ betas/eps/k (or the paper's 0.965/0.99, 1e-15, 10), wd 0.2; min_lr = 0.05 x lr f
 Data: the built-in corpus (Python's stdlib sources, `neox-sophia corpus`) unless --data config.
 
 Every evaluation uses the same held-out sequences (the validation split's first eval_iters
-micro-batches), so the curves are smooth and comparable; seconds are training seconds
+batches of train_batch_size sequences: NeoX's count, the trainer's first validation pass), so
+the curves are smooth and comparable; seconds are training seconds
 (evaluations excluded). The best point of each optimizer is its grid run with the lowest final
 validation loss; its curve is that run's curve (re-running it repeats it: same seed, same data).
 A best lr at an edge of its grid is extended by one more lr beyond that edge (--extend-edges),
@@ -197,7 +198,7 @@ class Bench:
         logs = tempfile.mkdtemp(prefix="bench_convergence-")  # the trainer's metrics.jsonl: Sophia's win rate
         cfg = self.config(optimizer, lr, rho, log_dir=logs)
         run = loop.setup(cfg)
-        fixed = run.micro_batches(run.valid_data, 0, cfg.logging.eval_iters)  # the same held-out set every time
+        fixed = run.eval_micro_batches(0)  # the same held-out set every time
         curve = {"step": [], "seconds": [], "val_loss": []}
         clock = {"eval": 0.0}
         evaluate = loop.evaluate
@@ -281,7 +282,7 @@ class Bench:
                        "precision": cfg.engine.resolved_precision, "zero_stage": cfg.engine.zero_stage,
                        "device": str(run.device)}
         self.tokens_per_step = lay.train_batch_size * m.seq_length
-        self.eval_tokens = cfg.logging.eval_iters * lay.micro_batch_size * lay.dp * m.seq_length
+        self.eval_tokens = cfg.logging.eval_iters * lay.train_batch_size * m.seq_length
         sophia = self.config("sophia", 1e-3, 0.05)
         self.hessian_batch = sophia.hessian_batch(lay.world_size)[0]
 
@@ -489,7 +490,7 @@ def estimate(bench: Bench, steps: int) -> dict:
     iters = bench.base.training.train_iters
     runs = {"adamw": len(_floats(a.adamw_lr)), "sophia": len(_floats(a.sophia_lr)) * len(_floats(a.sophia_rho))}
     evals = iters // bench.base.logging.eval_interval
-    eval_s = evals * per_step["adamw"] / 3 * bench.base.logging.eval_iters / bench.base.layout().gradient_accumulation_steps
+    eval_s = evals * per_step["adamw"] / 3 * bench.base.logging.eval_iters  # forward only, a batch per eval_iter
     grid = sum(runs[n] * (iters * per_step[n] + eval_s + 5) for n in runs)
     extra = a.extend_edges * sum(iters * per_step[n] + eval_s + 5 for n in runs)
     return {"seconds_per_step": per_step, "runs": runs, "train_iters": iters,

@@ -1,6 +1,7 @@
 """The whole config: typed sections built from NeoX YAML files, and the values derived from them.
 
     cfg = load_config(["configs/125M.yml", "configs/sophia.yml"], overrides=["train_iters=2000"])
+    cfg = load_config(["pythia/70M.yml"], override_files=["configs/sophia.yml"])  # replaces its optimizer
     cfg.model.hidden_size, cfg.optimizer.type
     layout = cfg.layout(world_size=16)           # tp, pp, dp and the batch triple
     cfg.padded_vocab_size(50277)                 # 50304 at TP=1
@@ -15,7 +16,9 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, NamedTuple, Optional
 
+from neox_sophia.config.aliases import resolve_derived
 from neox_sophia.config.base import ConfigError, build_section, section_keys
+from neox_sophia.config.engine_options import deepspeed_zero_block, offload_device
 from neox_sophia.config.keys import IGNORABLE, NEOX_DEFAULTS
 from neox_sophia.config.loader import apply_overrides, read_config_files
 from neox_sophia.config.model import ModelConfig, ParallelConfig
@@ -70,6 +73,8 @@ class NeoXConfig:
     """key -> the file (or --set override) it came from."""
     ignored: Dict[str, Any] = field(default_factory=dict)
     """IGNORABLE NeoX keys set to a non-default value (reported in one warning)."""
+    notes: List[str] = field(default_factory=list)
+    """One line per key read under another name (gas...) and per value an override file replaced."""
 
     def layout(self, world_size: Optional[int] = None) -> Layout:
         world_size = world_size or self.default_world_size
@@ -136,10 +141,12 @@ class NeoXConfig:
             "gradient_clipping": eng.gradient_clipping,
             "steps_per_print": eng.steps_per_print,
             "wall_clock_breakdown": eng.wall_clock_breakdown,
-            "zero_optimization": {**(eng.zero_optimization or {}), "stage": eng.zero_stage},
+            "zero_optimization": deepspeed_zero_block(eng.zero_optimization, eng.zero_stage),
             # DeepSpeed insists on this for any optimizer it did not build itself under ZeRO
             "zero_allow_untested_optimizer": True,
         }
+        if offload_device(eng.zero_optimization) == "cpu":
+            ds["zero_force_ds_cpu_optimizer"] = False  # Sophia runs on the offloaded state (engine_options.py)
         precision = eng.resolved_precision
         if precision == "fp16":
             ds["fp16"] = {**(eng.fp16 or {}), "enabled": True}
@@ -209,12 +216,16 @@ def _classify(values: Dict[str, Any], origins: Dict[str, str]) -> Dict[str, Any]
     return ignored
 
 
-def load_config(paths: Iterable[str], overrides: Iterable[str] = (), *, warn: bool = True) -> NeoXConfig:
-    """Read, merge, override, classify, build and validate a config."""
-    paths = list(paths)
-    values, origins = read_config_files(paths)
+def load_config(paths: Iterable[str], overrides: Iterable[str] = (), *, override_files: Iterable[str] = (),
+                warn: bool = True) -> NeoXConfig:
+    """Read, merge, replace (override files, then ``--set`` overrides), resolve older key names,
+    classify, build and validate a config."""
+    values, origins, notes = read_config_files(list(paths), list(override_files))
     apply_overrides(values, origins, overrides)
-    return config_from_values(values, origins, warn=warn)
+    notes += resolve_derived(values, origins)
+    cfg = config_from_values(values, origins, warn=warn)
+    cfg.notes = notes
+    return cfg
 
 
 def config_from_values(values: Dict[str, Any], origins: Dict[str, str], *, warn: bool = False) -> NeoXConfig:

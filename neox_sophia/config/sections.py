@@ -68,7 +68,9 @@ class EngineConfig:
     bf16: Optional[dict] = None
     """DeepSpeed bf16 block; "enabled": true selects bfloat16."""
     zero_optimization: Optional[dict] = None
-    """DeepSpeed ZeRO block, passed through. Stage 0, 1 or 2 (1 and 2 shard Sophia's hessian)."""
+    """DeepSpeed ZeRO block. Stage 0, 1 or 2 (1 and 2 shard Sophia's hessian); ZeRO-1/2's
+    communication switches and CPU offload of the optimizer state (offload_optimizer.device
+    "cpu") pass through, other entries are refused (config/engine_options.py)."""
     gradient_clipping: float = 1.0
     """Global gradient-norm clip (also applied to the Hessian pass's sampled-label gradient)."""
     steps_per_print: int = 10
@@ -76,7 +78,8 @@ class EngineConfig:
     wall_clock_breakdown: bool = False
     """DeepSpeed timers for forward/backward/step."""
     deepspeed_extra_args: Optional[dict] = None
-    """Further DeepSpeed config entries, merged last (they must not repeat a key set above)."""
+    """Further DeepSpeed config entries: monitors and profilers (comms_logger, flops_profiler...)
+    only; entries that change what is trained are refused (config/engine_options.py)."""
 
     @property
     def resolved_precision(self) -> str:
@@ -106,6 +109,10 @@ class EngineConfig:
               "stage 2 cannot be combined with pipe_parallel_size >= 1 (DeepSpeed's PipelineEngine "
               "supports ZeRO stage 0 and 1); use stage 1 or pipe_parallel_size 0")
         check(self.gradient_clipping >= 0, "gradient_clipping", f"must be >= 0 (got {self.gradient_clipping})")
+        from neox_sophia.config.engine_options import check_extra_args, check_zero_block
+
+        check_zero_block(self.zero_optimization, self.zero_stage)
+        check_extra_args(self.deepspeed_extra_args)
 
 
 @dataclass
@@ -202,7 +209,8 @@ class DataConfig:
     split: str = "969, 30, 1"
     """Train/valid/test proportions of data_path's documents."""
     tokenizer_type: str = "GPT2BPETokenizer"
-    """HFTokenizer, GPT2BPETokenizer or SPMTokenizer (see neox_sophia.data.tokenizers)."""
+    """Any of NeoX's: HFTokenizer, GPT2BPETokenizer, SPMTokenizer, HFGPT2Tokenizer,
+    TiktokenTokenizer, CharLevelTokenizer (see neox_sophia.data.tokenizers)."""
     vocab_file: Optional[str] = None
     merge_file: Optional[str] = None
     data_impl: str = "infer"
@@ -213,9 +221,15 @@ class DataConfig:
     def validate(self) -> None:
         from neox_sophia.data.tokenizers import TOKENIZERS
 
-        known = {name.lower(): name for name in TOKENIZERS}
+        known = {key: cls.name for key, cls in TOKENIZERS.items()}
         check(self.tokenizer_type.lower() in known, "tokenizer_type",
-              f"'{self.tokenizer_type}' is not one of {sorted(TOKENIZERS)}")
+              f"'{self.tokenizer_type}' is not one of {sorted(known.values())}")
+        files = TOKENIZERS[self.tokenizer_type.lower()].file_keys
+        given = [key for key in files if getattr(self, key) is not None]
+        for key in files if given else ():  # one file without the other: name the missing one
+            if key not in given:  # located at the file that set the other one
+                raise ConfigError(f"{key}: not set; {known[self.tokenizer_type.lower()]} needs both "
+                                  f"{' and '.join(files)} (GPT-2's vocab.json and merges.txt)", given[0])
         check(self.data_impl in ("infer", "mmap"), "data_impl",
               f"'{self.data_impl}' is not supported; use \"mmap\" (indexed .bin/.idx datasets)")
         split = [part.strip() for part in self.split.split(",")]
@@ -267,7 +281,8 @@ class LoggingConfig:
     eval_interval: int = 1000
     """Steps between validation passes."""
     eval_iters: int = 100
-    """Micro-batches per validation pass."""
+    """Batches per validation pass, each of train_batch_size sequences (NeoX's count: an eval
+    iteration is gradient_accumulation_steps micro-batches on every data-parallel rank)."""
     use_wandb: Optional[bool] = None
     """Log the metrics to Weights & Biases from rank 0. Needs `pip install wandb`; without it the
     run says so in one line and goes on. Unset means off (NeoX turns it on when it finds a wandb

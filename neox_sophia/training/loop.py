@@ -28,6 +28,7 @@ from neox_sophia.training import checkpoint as ckpt
 from neox_sophia.training.checkpoint import is_universal
 from neox_sophia.training.lifecycle import StopSignals, log, signal_name
 from neox_sophia.training.metrics import Metrics, Progress
+from neox_sophia.training.preflight import refuse_untrainable
 from neox_sophia.training.sophia_groups import refresh_hessian_floors, statistics_record
 from neox_sophia.training.steps import (collate, evaluate, hessian_uniforms, pipeline_hessian_step,
                                         pipeline_train_step, plain_hessian_step, plain_train_step)
@@ -77,6 +78,15 @@ class Run:
                                                                             lay.micro_batch_size, micro_steps)],
                         self.device) for m in range(micro_steps)]
 
+    def eval_micro_batches(self, evaluation: int) -> list:
+        """This rank's share of validation pass ``evaluation``: eval_iters batches of
+        train_batch_size sequences, as NeoX counts them (its evaluate() runs
+        gradient_accumulation_steps micro-batches per eval iteration on every data-parallel
+        rank); pass p reads the validation samples right after pass p-1's, as NeoX's iterator."""
+        lay = self.layout
+        return self.micro_batches(self.valid_data, evaluation,
+                                  self.cfg.logging.eval_iters * lay.gradient_accumulation_steps)
+
     def micro_batches(self, dataset, step: int, grad_accum: int) -> list:
         lay, g = self.layout, self.grid
         return [collate(dataset, sample_indices(step, m, g.dp_rank, lay.dp, lay.micro_batch_size, grad_accum),
@@ -95,7 +105,7 @@ def _device() -> torch.device:
 def setup(cfg: NeoXConfig) -> Run:
     import deepspeed
 
-    from neox_sophia.data.tokenizers import build_tokenizer
+    from neox_sophia.data.tokenizers import build_tokenizer_or_refuse
     from neox_sophia.model import build_model
     from neox_sophia.model.gpt_neox import global_named_parameters
     from neox_sophia.optim.groups import role_groups
@@ -107,22 +117,10 @@ def setup(cfg: NeoXConfig) -> Run:
     layout = cfg.layout(dist.get_world_size())
     if cfg.training.train_iters is None:
         raise TrainingError("train_iters: not set; say how many optimizer steps to train")
-    if getattr(cfg.optimizer.params, "estimator", "gnb") != "gnb":
-        raise TrainingError(f"optimizer.params.estimator: the trainer implements 'gnb' (Sophia-G); "
-                            f"'{cfg.optimizer.params.estimator}' needs a double backward and is available "
-                            f"for single-process use as neox_sophia.optim.hessian.hutchinson")
-    if cfg.engine.resolved_precision == "fp16" and cfg.engine.zero_stage == 0:
-        # DeepSpeed 0.19's engine.backward() applies the loss scale only for ZeRO optimizers, but
-        # its non-ZeRO fp16 optimizers divide the gradients by it all the same (deepspeedai/
-        # DeepSpeed PR #8393, open): every gradient would reach Sophia loss_scale times too small
-        # (measured: 65536x), which Sophia, unlike Adam, is not invariant to.
-        raise TrainingError("zero_optimization: fp16 needs ZeRO stage 1 or 2 with this DeepSpeed: at stage 0 "
-                            "it never applies the loss scale but still divides the gradients by it "
-                            "(deepspeedai/DeepSpeed PR #8393); set zero_optimization.stage to 1 (it works "
-                            "with pipe parallelism too), or use bf16")
+    refuse_untrainable(cfg, layout.world_size)  # what `plan` refuses too (training/preflight.py)
     grid = initialize_model_parallel(cfg.parallel.model_parallel_size, cfg.parallel.pipeline_stages)
     data = cfg.data
-    tokenizer = build_tokenizer(data.tokenizer_type, data.vocab_file, data.merge_file)
+    tokenizer = build_tokenizer_or_refuse(data)
     padded = cfg.padded_vocab_size(tokenizer.vocab_size)
     torch.manual_seed(cfg.training.seed)
     model = build_model(cfg.model, cfg.parallel, padded, grid, cfg.training.seed).to(device)
@@ -151,7 +149,7 @@ def _datasets(cfg: NeoXConfig, layout, tokenizer):
     hessian_samples = (t.train_iters // interval + 1) * cfg.hessian_batch(layout.world_size)[0] if interval else 0
     evals = t.train_iters // cfg.logging.eval_interval + 1
     num_samples = (t.train_iters * layout.train_batch_size + hessian_samples,
-                   evals * cfg.logging.eval_iters * layout.micro_batch_size * layout.dp, 0)
+                   evals * cfg.logging.eval_iters * layout.train_batch_size, 0)  # NeoX's count
     train, valid, _ = build_datasets(cfg.data, seq_length=cfg.model.seq_length, seed=t.seed,
                                      num_samples=num_samples, tokenizer=tokenizer)
     if train is None:
@@ -294,8 +292,7 @@ def train_loop(run: Run, start_step: int = 0, nonfinite: int = 0,
             if run.valid_data is not None and step % cfg.logging.eval_interval == 0:
                 with progress.pause("eval"):
                     p = step // cfg.logging.eval_interval
-                    loss = evaluate(run.engine, run.micro_batches(run.valid_data, p, cfg.logging.eval_iters),
-                                    run.pipeline)
+                    loss = evaluate(run.engine, run.eval_micro_batches(p), run.pipeline)
                 result.val_loss[step] = loss
                 metrics.eval(step, loss)
             saved = _should_save(cfg, step)

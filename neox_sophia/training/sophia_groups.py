@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from neox_sophia.optim.groups import MATRIX_ROLES, ROLES
 from neox_sophia.optim.sophia import Sophia, SophiaStatistics
+from neox_sophia.training.steps import for_collective
 
 
 def role_sums(optimizer: Sophia) -> torch.Tensor:
@@ -33,8 +34,7 @@ def role_sums(optimizer: Sophia) -> torch.Tensor:
         if name in ROLES:
             sums[ROLES.index(name)] += values.to(device)
     if dist.is_initialized() and dist.get_world_size() > 1:
-        if dist.get_backend() != "nccl":
-            sums = sums.cpu()
+        sums = for_collective(sums if dist.get_backend() == "nccl" else sums.cpu())  # offloaded state is on CPU
         dist.all_reduce(sums)
     return sums.cpu()
 

@@ -57,8 +57,16 @@ def redirected_step(engine, client_optimizer, replacement: Callable[[], None],
             engine.global_steps, engine.global_samples, engine.micro_steps = steps, samples, micro
 
 
+def for_collective(value: torch.Tensor) -> torch.Tensor:
+    """``value`` where this rank's process group can reduce it: NCCL reduces CUDA tensors only,
+    and under CPU offload the optimizer's partitions (and what is computed from them) are on CPU."""
+    if value.device.type == "cpu" and dist.is_initialized() and dist.get_backend() == "nccl":
+        return value.to(torch.device("cuda", torch.cuda.current_device()))
+    return value
+
+
 def all_finite(value: torch.Tensor) -> bool:
-    flag = torch.isfinite(value.detach()).all().to(torch.float32).reshape(1)
+    flag = for_collective(torch.isfinite(value.detach()).all().to(torch.float32).reshape(1))
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item() == 1.0)
