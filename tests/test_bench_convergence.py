@@ -180,7 +180,7 @@ def test_adamw_reuse_is_checked_and_the_summary_table(tmp_path):
     table = report.summarize_files([paper, path], str(tmp_path / "out" / "summary.md"))
     rows = table.splitlines()
     assert len(rows) == 4 and (tmp_path / "out" / "summary.md").read_text() == table
-    assert rows[2].startswith("| gcide | paper | 0.004 | 5.0000 | 0.001 | 0.1 | 4.9000 | 1.00 | n/a | 0/1 | 1/2 | all 0.30 |")
+    assert rows[2].startswith("| gcide | paper | 20 | 0.004 | 5.0000 | 0.001 | 0.1 | 4.9000 | 1.00 | n/a | 0/1 | 1/2 | all 0.30 |")
     assert rows[3].endswith("| embedding 0.02, mlp 0.35 |")
 
 

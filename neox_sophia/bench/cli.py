@@ -39,6 +39,7 @@ from typing import List, Optional
 
 from neox_sophia.bench import report
 from neox_sophia.config.base import ConfigError
+from neox_sophia.data.sources import SOURCES
 from neox_sophia.bench.curves import comparison
 from neox_sophia.bench.runs import SOPHIA_DEFAULTS, Runner, floats, flow, point_overrides, rank, search_all
 from neox_sophia.bench.variants import VARIANTS, parse_variants
@@ -130,9 +131,9 @@ class Bench:
         if self.args.data != "builtin":
             return {"name": "from the config files", "data_path": self.base.data.data_path}
         c = self.corpus
-        names = {"stdlib": "built-in corpus: Python standard library sources (neox-sophia corpus)",
-                 "gcide": "built-in corpus: GCIDE, English dictionary entries (neox-sophia corpus --source gcide)"}
-        return {"name": names.get(c["corpus"], c["corpus"]), "source": c["corpus"],
+        described = SOURCES[c["corpus"]].description if c["corpus"] in SOURCES else c["corpus"]
+        return {"name": f"built-in corpus: {described} (neox-sophia corpus --source {c['corpus']})",
+                "source": c["corpus"],
                 **{k: c.get(k) for k in ("tokens", "documents", "text_bytes", "data_path", "recipe")},
                 "tokenizer_vocab": c.get("recipe", {}).get("vocab_size"), "split": self.args.split}
 
@@ -226,8 +227,8 @@ def parse_args(argv=None):
                    help="extra lrs per optimizer beyond a grid edge that holds the best (default 1)")
     p.add_argument("--data", choices=["builtin", "config"], default="builtin",
                    help="builtin: the --corpus corpus (made if missing); config: the configs' data keys")
-    p.add_argument("--corpus", choices=["stdlib", "gcide"], default="stdlib",
-                   help="built-in corpus: stdlib (Python sources) or gcide (English dictionary prose)")
+    p.add_argument("--corpus", choices=sorted(SOURCES), default="stdlib",
+                   help="built-in corpus: " + "; ".join(f"{s.name}: {s.description}" for s in SOURCES.values()))
     p.add_argument("--vocab-size", type=int, help=f"the built-in corpus's tokenizer vocabulary (default {DEFAULT_VOCAB} "
                                                    f"when the tool makes it)")
     p.add_argument("--corpus-dir", help="where the built-in corpus is (default data/bench/<corpus>-<vocab>)")

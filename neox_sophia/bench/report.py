@@ -179,16 +179,16 @@ def end_win_rates(point: dict) -> str:
 
 
 def summary_table(results: Sequence[dict]) -> str:
-    header = ("| corpus | variant | AdamW lr | AdamW final | Sophia lr | rho | Sophia final | "
+    header = ("| corpus | variant | steps | AdamW lr | AdamW final | Sophia lr | rho | Sophia final | "
               "steps to AdamW's final (ratio) | AdamW's steps to Sophia's final (ratio) | "
               "diverged AdamW | diverged Sophia | win rate at the end, per group |")
-    rows = [header, "|" + "---|" * 12]
+    rows = [header, "|" + "---|" * 13]
     for r in results:
         a, s = r["best"]["adamw"]["best"], r["best"]["sophia"]["best"]
         st = r.get("stability") or {}
         count = {k: f"{st[k]['diverged']}/{st[k]['grid_points']}" if k in st else "n/a" for k in ("adamw", "sophia")}
         corpus = r["corpus"].get("source") or r["corpus"]["name"]
-        rows.append(f"| {corpus} | {(r.get('variant') or {}).get('name', 'paper')} | {a['lr']:g} | "
+        rows.append(f"| {corpus} | {(r.get('variant') or {}).get('name', 'paper')} | {r['train_iters']} | {a['lr']:g} | "
                     f"{_num(final_loss(a))} | {s['lr']:g} | {s.get('rho', 0):g} | {_num(final_loss(s))} | "
                     f"{_num(r['steps_to_adamw_final_loss_ratio'], '.2f')} | "
                     f"{_num(r.get('adamw_steps_to_sophia_final_loss_ratio'), '.2f')} | {count['adamw']} | "
