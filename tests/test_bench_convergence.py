@@ -135,7 +135,8 @@ def test_searches_run_in_rounds_and_a_split_variant_waits_for_adamw():
     chosen = variants.parse_variants(["paper,split"])
     adamw, found = runs.search_all(runner, args, dict(runs.SOPHIA_DEFAULTS), chosen, None)
     first, second = runner.rounds[0], runner.rounds[1]
-    assert [p[0] for p in first] == ["adamw"] * 2 + ["sophia"] * 4 and {p[1] for p in first[2:]} == {"paper"}
+    # Sophia's points first (a variant the trainer refuses fails before AdamW trains), then AdamW's
+    assert [p[0] for p in first] == ["sophia"] * 4 + ["adamw"] * 2 and {p[1] for p in first[:4]} == {"paper"}
     # AdamW's best (4e-3) is at the upper edge: one more lr (8e-3) in the next round
     assert ("adamw", None, 8e-3, None, ()) in second and [p["lr"] for p in adamw] == [2e-3, 4e-3, 8e-3]
     assert adamw[-1]["extension"] == "upper"

@@ -297,9 +297,13 @@ def run_benchmark(args, variants) -> int:
             adamw_points = report.check_adamw_from(args.adamw_from, bench.fingerprint())
         except ValueError as err:
             raise UsageError(str(err)) from None
+    from neox_sophia.training.loop import TrainingError
+
     runner = Runner(args.configs, bench.common, args.jobs, args.threads)
     try:
         adamw, found = search_all(runner, args, bench.sophia_params, variants, adamw_points)
+    except TrainingError as err:  # refused at setup (training errors of a point are its divergence)
+        raise UsageError(str(err)) from None
     finally:
         runner.close()
     if rank() != 0:

@@ -35,7 +35,10 @@ def adamw_fingerprint(config_values: Dict, corpus: Optional[dict]) -> dict:
     """What AdamW's grid is a function of besides its lrs: the whole config of an AdamW point at a
     reference lr (files left out) and the corpus's recipe and size."""
     config = {k: v for k, v in sorted(config_values.items()) if k not in PATH_KEYS}
-    corpus_key = {k: (corpus or {}).get(k) for k in ("source", "recipe", "tokens", "documents")}
+    corpus = corpus or {}
+    corpus_key = {k: corpus.get(k) for k in ("source", "recipe", "tokens", "documents")}
+    if corpus.get("recipe") is None:  # data from the config files: its path is all that names it
+        corpus_key["data_path"] = corpus.get("data_path")
     return json.loads(json.dumps({"config": config, "corpus": corpus_key}, default=str))
 
 

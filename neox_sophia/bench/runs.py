@@ -332,7 +332,8 @@ def search_all(runner: Runner, args, sophia_params: dict, variants: List[Variant
     known = adamw_points is not None  # from --adamw-from: every variant can start at once
     first = [sophia_search(v, best_lr(adamw_points) if known else None) for v in variants
              if known or not v.needs_adamw]
-    found = run_searches(runner, first if known else [adamw_search(), *first])
+    # Sophia's points first in each round: a variant the trainer refuses at setup fails at once
+    found = run_searches(runner, first if known else [*first, adamw_search()])
     adamw_points = found.pop("adamw", adamw_points)
     later = [sophia_search(v, best_lr(adamw_points)) for v in variants if v.name not in found]
     found.update(run_searches(runner, later))
