@@ -188,8 +188,8 @@ def summary_table(results: Sequence[dict]) -> str:
     rows = [header, "|" + "---|" * 13]
     for r in results:
         a, s = r["best"]["adamw"]["best"], r["best"]["sophia"]["best"]
-        st = r.get("stability") or {}
-        count = {k: f"{st[k]['diverged']}/{st[k]['grid_points']}" if k in st else "n/a" for k in ("adamw", "sophia")}
+        st = r.get("stability") or {k: stability(r["runs"][k]) for k in ("adamw", "sophia")}  # older files
+        count = {k: f"{st[k]['diverged']}/{st[k]['grid_points']}" for k in ("adamw", "sophia")}
         corpus = r["corpus"].get("source") or r["corpus"]["name"]
         rows.append(f"| {corpus} | {(r.get('variant') or {}).get('name', 'paper')} | {r['train_iters']} | {a['lr']:g} | "
                     f"{_num(final_loss(a))} | {s['lr']:g} | {s.get('rho', 0):g} | {_num(final_loss(s))} | "
