@@ -10,8 +10,8 @@
                                the deepspeed runner around `train`
     neox-sophia preprocess --input A.jsonl[,B.jsonl.zst] ... --output-prefix P
                                jsonl -> Megatron indexed dataset (GPT-NeoX's arguments)
-    neox-sophia corpus --output-dir data/stdlib
-                               build the offline default corpus and its tokenizer
+    neox-sophia corpus [--source stdlib|gcide] --output-dir data/stdlib
+                               build a built-in corpus (Python's stdlib, or GCIDE English) and its tokenizer
     neox-sophia convert consolidate|to-hf|from-hf ...
                                checkpoints between layouts and Hugging Face (see convert/cli.py)
     neox-sophia inspect SAVE_DIR
@@ -229,7 +229,7 @@ def _delegate(module: str, add: str = "add_arguments", run: str = "run"):
 
 for _name, _help, _module, _names in [
         ("preprocess", "tokenize jsonl into a Megatron indexed dataset (.bin/.idx)", "neox_sophia.data.preprocess", ()),
-        ("corpus", "build the built-in default corpus (Python's stdlib) and its tokenizer", "neox_sophia.data.corpus", ()),
+        ("corpus", "build a built-in corpus (Python's stdlib; GCIDE English) and its tokenizer", "neox_sophia.data.corpus", ()),
         ("convert", "checkpoints: consolidate (any layout -> universal), to-hf, from-hf", "neox_sophia.convert.cli", ()),
         ("inspect", "layout, step, config, tensors and optimizer state of a checkpoint", "neox_sophia.convert.cli",
          ("add_inspect_arguments", "run_inspect"))]:
