@@ -25,11 +25,12 @@ HF_ACT = {"swiglu": "silu", "geglu": "gelu"}
 
 
 def llama_config(kv_heads, window, biases, activation, **extra):
-    return ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, num_kv_heads=kv_heads, seq_length=16,
-                       max_position_embeddings=32, pos_emb="rotary", norm="rmsnorm", rms_norm_epsilon=1e-5,
-                       activation=activation, intermediate_size=3 * 48, no_weight_tying=True,
-                       use_bias_in_attn_linear=biases, use_bias_in_mlp=biases, rotary_emb_base=500000,
-                       sliding_window_width=window, attention_config=[[["flash"], 2]] if window else None, **extra)
+    values = dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_kv_heads=kv_heads, seq_length=16,
+                  max_position_embeddings=32, pos_emb="rotary", norm="rmsnorm", rms_norm_epsilon=1e-5,
+                  activation=activation, intermediate_size=3 * 48, no_weight_tying=True,
+                  use_bias_in_attn_linear=biases, use_bias_in_mlp=biases, rotary_emb_base=500000,
+                  sliding_window_width=window, attention_config=[[["flash"], 2]] if window else None)
+    return ModelConfig(**{**values, **extra})
 
 
 def tokens():

@@ -409,7 +409,7 @@ class _Reader:
 
     def check_model(self, weights: Dict[str, torch.Tensor]) -> List[str]:
         """Every parameter config.yml's model has, at its full shape; returns the names in model order."""
-        from neox_sophia.convert.hf import expected_shapes
+        from neox_sophia.model.gpt_neox import parameter_shapes
 
         m, cfg = self.model, self.cfg
         if "embed_in.weight" not in weights:
@@ -419,7 +419,7 @@ class _Reader:
         if padded % multiple:
             raise self.mismatch(self.path, f"the vocabulary has {padded} rows, not a multiple of "
                                            f"make_vocab_size_divisible_by x model_parallel_size = {multiple}")
-        shapes = expected_shapes(cfg.model, padded)
+        shapes = parameter_shapes(cfg.model, padded)
         missing = [n for n in shapes if n not in weights]
         unexpected = [n for n in weights if n not in shapes]
         wrong = [f"{n} {list(weights[n].shape)} (config: {list(s)})" for n, s in shapes.items()
