@@ -236,6 +236,13 @@ class CheckpointConfig:
     """Additional steps to save at."""
     keep_last_n_checkpoints: Optional[int] = None
     """Delete older checkpoints beyond this many."""
+    finetune: bool = False
+    """NeoX: load only the weights of `load` and start at step 0 with a fresh optimizer and LR
+    schedule (e.g. from a NeoX, Pythia or Hugging Face-converted checkpoint)."""
+    no_load_optim: bool = False
+    """NeoX: load only the weights of `load`; the step (and the data position) continue from the
+    checkpoint's, the optimizer state and the LR schedule start fresh. How a run trained with AdamW
+    continues with Sophia (or the other way round)."""
 
     def validate(self) -> None:
         check(self.save is None or self.checkpoint_factor is not None or self.extra_save_iters is not None,

@@ -89,12 +89,19 @@ def _safe_classes() -> list:
                                     dynamic under fp16)
     ZeroStageEnum                   ZeRO optimizer state 'zero_stage'
     fragment_address                ZeRO / bf16 optimizer state 'param_slice_mappings' (numel, start)
+    numpy arrays                    GPT-NeoX's client state 'np_rng_state' (np.random.get_state(): a
+                                    uint32 array); rebuilt as data, nothing executed
     """
+    import numpy as np
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
-    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+    multiarray = getattr(np, "_core", None) or np.core  # numpy 2 / numpy 1
+    numpy_arrays = [multiarray.multiarray._reconstruct, np.ndarray, np.dtype]
+    numpy_arrays += [getattr(np.dtypes, name) for name in ("UInt32DType", "Int64DType", "Float64DType")
+                     if hasattr(getattr(np, "dtypes", None), name)]
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address, *numpy_arrays]
 
 
 def load_file(path: str) -> Any:
