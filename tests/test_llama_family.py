@@ -146,3 +146,15 @@ def test_one_config_per_family_trains_with_sophia_and_exports_to_hugging_face(co
         expected = "MistralForCausalLM" if "mistral" in name else "LlamaForCausalLM"
         assert type(hf).__name__ == expected, name
         torch.testing.assert_close(hf.eval()(x).logits, ours.full_logits(x), rtol=0, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("change,key", [({"moe_num_experts": 8}, "moe_num_experts"), ({"te_mha": True}, "te_mha"),
+                                        ({"attention_config": [[["mamba"], 32]]}, "attention_config"),
+                                        ({"attention_config": [[["rwkv"], 32]]}, "attention_config"),
+                                        ({"norm": "scalenorm"}, "norm"), ({"activation": "relu"}, "activation")])
+def test_moe_mamba_rwkv_and_transformer_engine_stay_refused_in_one_line(change, key, tmp_path):
+    path = os.path.join(UPSTREAM, "llama", "7B.yml")
+    with pytest.raises(ConfigError) as err:
+        config_of(path, tmp_path, **change)
+    message = str(err.value)
+    assert "\n" not in message and f": {key}: " in message, message

@@ -52,9 +52,8 @@ def problems(model: ModelConfig) -> dict:
         "num_kv_heads": (gqa, f"{model.num_kv_heads} key/value heads cannot be expressed; HF GPTNeoX has one "
                               f"per query head"),
         "use_bias_in_mlp": (not model.use_bias_in_mlp, "false cannot be expressed; HF GPTNeoX's MLP has biases"),
-        "sliding_window_width": (model.sliding_window(0) is not None or any(
-            model.sliding_window(i) for i in range(model.num_layers)),
-            "cannot be expressed; HF GPTNeoX has no sliding-window attention"),
+        "sliding_window_width": (any(model.sliding_window(i) is not None for i in range(model.num_layers)),
+                                 "cannot be expressed; HF GPTNeoX has no sliding-window attention"),
     }
     return {key: why for key, (bad, why) in checks.items() if bad}
 
