@@ -270,3 +270,37 @@ def test_vocabulary_padding_follows_neox():
     embed = torch.randn(6, 2)
     assert torch.equal(fit_vocab({"embed_in.weight": embed}, 4)["embed_in.weight"], embed[:4])
     assert fit_vocab({"embed_in.weight": embed}, 8)["embed_in.weight"][6:].abs().sum() == 0
+
+
+def test_from_neox_on_the_command_line_writes_a_universal_checkpoint(tmp_path, capsys):
+    """The quick start's model exported at TP=2, read back for a run whose config says TP=1; a
+    config that does not fit is one line and exit code 2."""
+    from neox_sophia.cli import main
+    from neox_sophia.config import load_config
+    from neox_sophia.convert.universal import load_universal
+    from neox_sophia.data.tokenizers import build_tokenizer
+    from tests.test_training import QUICKSTART
+
+    from tokenizers import Tokenizer, models
+
+    tokenizer = tmp_path / "tokenizer.json"  # any tokenizers JSON will do: a 300-token BPE
+    Tokenizer(models.BPE(vocab={f"t{i}": i for i in range(300)}, merges=[])).save(str(tokenizer))
+    sets = [f"vocab_file={tokenizer}", "data_path=unused", "tokenizer_type=HFTokenizer"]
+    cfg = load_config([QUICKSTART], sets, warn=False)
+    vocab = build_tokenizer("HFTokenizer", str(tokenizer), None).vocab_size
+    assert vocab == 300
+    padded = cfg.padded_vocab_size(vocab)
+    weights = GPTNeoX(cfg.model, padded, initialize_model_parallel(1, 1), seed=4).full_state_dict()
+    save_neox(str(tmp_path / "neox"), weights, SimpleNamespace(model=cfg.model, data=cfg.data, values=cfg.values),
+              9, 2, 0)
+    args = ["convert", "from-neox", "--input", str(tmp_path / "neox"), "--output", str(tmp_path / "uc"),
+            "--config", QUICKSTART] + [x for s in sets for x in ("--set", s)]
+    assert main(args) == 0
+    universal = load_universal(str(tmp_path / "uc"))
+    assert universal.step == 9 and not universal.optimizer
+    assert all(torch.equal(universal.weights[n], w) for n, w in weights.items())
+    capsys.readouterr()
+    assert main(args[:-len(sets) * 2] + [x for s in sets + ["num_layers=3"] for x in ("--set", s)]
+                + ["--overwrite"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "trained with num_layers 2, the config says 3" in err
