@@ -90,6 +90,7 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"{name}: must be a positive integer (got {value!r})")
+        self._validate_layer_types()  # first: a Mamba or RWKV file is refused as such
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(f"hidden_size: {self.hidden_size} is not divisible by "
                               f"num_attention_heads {self.num_attention_heads}")
@@ -156,11 +157,9 @@ class ModelConfig:
                           f"output projection taking {linear2}{' per gate branch' if self.gated else ''}, which "
                           f"NeoX cannot run either; {fix}")
 
-    def _validate_attention_config(self) -> None:
-        if self.attention_config is None:
-            return
-        layers = 0
-        for entry in self.attention_config:
+    def _validate_layer_types(self) -> None:
+        """Refuse a file of Mamba, RWKV or gMLP layers (or sparse attention) by its layer types."""
+        for entry in self.attention_config or ():
             ok = (isinstance(entry, (list, tuple)) and len(entry) == 2 and isinstance(entry[0], (list, tuple))
                   and (entry[1] == "all" or (isinstance(entry[1], int) and entry[1] > 0)))
             if not ok:
@@ -168,9 +167,13 @@ class ModelConfig:
                                   f"(got {entry!r})")
             unsupported = sorted(set(entry[0]) - {"global", "flash"})
             if unsupported:
-                raise ConfigError(f"attention_config: attention type(s) {unsupported} are not implemented; "
+                raise ConfigError(f"attention_config: layer type(s) {unsupported} are not implemented; "
                                   f"only 'global' and 'flash' (causal softmax attention)")
-            layers += self.num_layers if entry[1] == "all" else entry[1] * len(entry[0])
+
+    def _validate_attention_config(self) -> None:
+        if self.attention_config is None:
+            return
+        layers = sum(self.num_layers if count == "all" else count * len(types) for types, count in self.attention_config)
         if layers != self.num_layers:
             raise ConfigError(f"attention_config: covers {layers} layers, the model has {self.num_layers}")
 
