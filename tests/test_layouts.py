@@ -1,4 +1,4 @@
-"""Layout invariance (DESIGN.md, invariant 2), Sophia-G with Hessian refreshes every 2 steps:
+"""Layout invariance (docs/design.md, invariant 2), Sophia-G with Hessian refreshes every 2 steps:
 every TP x PP x DP layout and micro-batch split trains like one process.
 
 Compared per layout against one single-process run: the per-step loss, the logged global
@@ -71,6 +71,43 @@ def reference(corpus, tmp_path_factory):  # noqa: F811
 def close(actual, expected, name, tolerance=1e-4):
     floor = tolerance * float(expected.abs().max())
     torch.testing.assert_close(actual, expected, rtol=tolerance, atol=max(floor, 1e-12), msg=name)
+
+
+# Sophia's options beyond the paper together: bias correction, the Hessian floor (set from each
+# role's mean h, an all-reduce across ranks), a split optimizer (AdamW on the embedding and the
+# norms and biases) and no weight decay on the embedding; at the layouts that shard each piece
+# differently: ZeRO-2 partitions, TP shards, and pipeline stages that hold different roles.
+OPTIONS = {"optimizer.params.hessian_bias_correction": True, "optimizer.params.hessian_floor": 0.5,
+           "optimizer.params.adamw_groups": ["embedding", "norms_biases"], "optimizer.params.adamw_lr": 4.0e-3,
+           "embedding_weight_decay": False}
+OPTION_LAYOUTS = ["dp2-zero2", "tp2", "pp2"]
+
+
+@pytest.fixture(scope="module")
+def reference_with_options(corpus, tmp_path_factory):  # noqa: F811
+    run_dir = tmp_path_factory.mktemp("options")
+    out = run_ranks(layout_worker, 1, args=(overrides(corpus, str(run_dir), **COMMON, **OPTIONS),))[0]
+    out["groups"] = {r["step"]: r["groups"] for r in read_metrics(str(run_dir)) if "groups" in r}
+    assert set(out["groups"][8]) == {"output", "attention", "mlp"}  # AdamW roles have no Sophia statistics
+    assert out["groups"][8]["mlp"]["hessian_floor"] > 0
+    return out
+
+
+@pytest.mark.parametrize("layout", OPTION_LAYOUTS)
+def test_options_beyond_the_paper_train_like_one_process(corpus, reference_with_options, tmp_path, layout):  # noqa: F811
+    world, extra = LAYOUTS[layout]
+    ref = reference_with_options
+    out = run_ranks(layout_worker, world, args=(overrides(corpus, str(tmp_path), **COMMON, **OPTIONS, **extra),))
+    for step in range(1, 9):
+        assert out[0]["loss"][step] == pytest.approx(ref["loss"][step], rel=1e-5), step
+    groups = {r["step"]: r["groups"] for r in read_metrics(str(tmp_path)) if "groups" in r}
+    for role in ("output", "attention", "mlp"):  # the matrix roles' figures are layout-invariant
+        for key in ("hessian_mean", "hessian_floor", "hessian_zero_frac", "win_rate"):
+            assert groups[8][role][key] == pytest.approx(ref["groups"][8][role][key], rel=1e-4, abs=1e-6), (role, key)
+    state = {name: s for rank in out for name, s in rank["state"].items()}
+    for name, expected in ref["state"].items():
+        for key, value in expected.items():
+            close(state[name][key], value, f"{name}.{key}")
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))

@@ -139,10 +139,10 @@ class Bench:
             raise SystemExit(f"bench_convergence: train_iters ({t.train_iters}) must be a multiple of eval_interval "
                              f"({log.eval_interval}) and eval_iters ({log.eval_iters}) at least 1, so that the "
                              f"last step is evaluated")
-        params = self.base.optimizer.params if self.base.optimizer.type == "sophia" else {}
-        self.sophia_params = {k: params.get(k, v) for k, v in SOPHIA_DEFAULTS.items()}
-        if params.get("hessian_batch_size"):
-            self.sophia_params["hessian_batch_size"] = params["hessian_batch_size"]
+        params = self.base.optimizer.params
+        self.sophia_params = {k: getattr(params, k, v) for k, v in SOPHIA_DEFAULTS.items()}
+        if getattr(params, "hessian_batch_size", None):
+            self.sophia_params["hessian_batch_size"] = params.hessian_batch_size
 
     def _builtin_data(self) -> List[str]:
         from neox_sophia.data.corpus import prepare_builtin_corpus

@@ -94,13 +94,13 @@ class NeoXConfig:
         decay = self.training.decay_iters
         if decay is None:
             raise self._error(ConfigError("train_iters: not set; the LR schedule needs it"))
-        return LRSchedule(lr=self.optimizer.params["lr"], min_lr=self.training.min_lr, decay_iters=decay,
+        return LRSchedule(lr=self.optimizer.params.lr, min_lr=self.training.min_lr, decay_iters=decay,
                           warmup=self.training.warmup, style=self.training.lr_decay_style)
 
     @property
     def hessian_interval(self) -> Optional[int]:
         """Sophia's k (steps between Hessian refreshes); None for an optimizer without one."""
-        return self.optimizer.params.get("hessian_interval") if self.optimizer.type == "sophia" else None
+        return getattr(self.optimizer.params, "hessian_interval", None)
 
     def hessian_batch(self, world_size: Optional[int] = None) -> tuple:
         """(sequences in the global Hessian batch, micro-batches per data-parallel rank).
@@ -111,7 +111,7 @@ class NeoXConfig:
         same when the micro-batch split changes."""
         lay = self.layout(world_size)
         per_micro = lay.micro_batch_size * lay.dp
-        size = self.optimizer.params.get("hessian_batch_size")
+        size = getattr(self.optimizer.params, "hessian_batch_size", None)
         if size is None:
             return max(1, lay.gradient_accumulation_steps // 2) * per_micro, max(1, lay.gradient_accumulation_steps // 2)
         if size % per_micro:
@@ -168,9 +168,9 @@ class NeoXConfig:
                            ("num_kv_heads", self.model.kv_heads)):
             if heads % tp:
                 raise self._error(ConfigError(f"{key}: {heads} is not divisible by model_parallel_size {tp}"))
-        if self.training.min_lr > self.optimizer.params["lr"]:
+        if self.training.min_lr > self.optimizer.params.lr:
             raise self._error(ConfigError(f"min_lr: {self.training.min_lr} is above optimizer.params.lr "
-                                          f"{self.optimizer.params['lr']}"))
+                                          f"{self.optimizer.params.lr}"))
 
     def _located(self, fn):
         try:

@@ -111,23 +111,32 @@ class EngineConfig:
 @dataclass
 class OptimizerConfig:
     optimizer: Optional[dict] = None
-    """{"type": "sophia" | "adamw" | "adam", "params": {...}}. Unset: NeoX's default (Adam, lr 1e-3)."""
+    """{"type": "sophia" | "adamw" | "adam", "params": {...}}; params are typed per type
+    (neox_sophia.optim.factory: SophiaParams, AdamWParams). Unset: NeoX's default (Adam, lr 1e-3)."""
     weight_decay: float = 0.1
     """Decoupled weight decay for weights (biases and norms get none)."""
+    embedding_weight_decay: bool = True
+    """(neox-sophia) Whether the input embedding is weight-decayed: true as GPT-NeoX does; false as
+    the official Sophia/GPT-2 code does (it exempts embeddings). Not a GPT-NeoX key."""
 
     @property
     def type(self) -> str:
         return self.parsed[0]
 
     @property
-    def params(self) -> Dict:
+    def params(self):
+        """The typed params of the optimizer type (SophiaParams / AdamWParams), read by attribute."""
         return self.parsed[1]
 
     @property
-    def parsed(self) -> Tuple[str, Dict]:
-        from neox_sophia.optim.factory import parse_optimizer_block
+    def parsed(self) -> Tuple[str, object]:
+        cached = self.__dict__.get("_parsed")
+        if cached is None or cached[0] is not self.optimizer:
+            from neox_sophia.optim.factory import parse_optimizer_block
 
-        return parse_optimizer_block(self.optimizer)
+            cached = (self.optimizer, parse_optimizer_block(self.optimizer))
+            self.__dict__["_parsed"] = cached
+        return cached[1]
 
     def validate(self) -> None:
         self.parsed

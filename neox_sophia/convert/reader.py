@@ -34,9 +34,9 @@ Optimizer-state formats, all read here:
               paddings); trailing group padding is dropped
 
 Parameter order within a param group: ZeRO files name it ('param_shapes'); the BF16_Optimizer's
-files name it in 'param_slice_mappings'; for ZeRO 0 it is the module order split by
-neox_sophia.optim.factory.weight_decay_groups' rule (biases and norms in the no-decay group),
-checked against every saved state tensor's shape. The fragment links DeepSpeed keeps on live
+files name it in 'param_slice_mappings'; for ZeRO 0 it is the module order split by the saved
+groups' names (neox_sophia.optim.groups: one group per parameter role, or the weight_decay /
+no_weight_decay pair of older checkpoints), checked against every saved state tensor's shape. The fragment links DeepSpeed keeps on live
 parameters (_hp_mapping) are never used.
 """
 from __future__ import annotations
@@ -52,6 +52,7 @@ import torch
 import yaml
 
 from neox_sophia.model.layers import tensor_parallel_dim
+from neox_sophia.optim.groups import GROUP_MEMBERS
 from neox_sophia.training.checkpoint import (LAYOUT, MARKER, CheckpointError, complete_tags, newest_complete_tag,
                                            tag_for)
 
@@ -237,13 +238,6 @@ class _Model:
         return os.path.join(self.path, f"mp_rank_{mp_rank:02d}_model_states.pt")
 
 
-def is_no_decay(name: str) -> bool:
-    """neox_sophia.optim.factory.weight_decay_groups' split, said by name: biases and the parameters
-    of norm modules (ours are all named *norm*) get no weight decay."""
-    parts = name.split(".")
-    return parts[-1] == "bias" or (len(parts) > 1 and "norm" in parts[-2])
-
-
 def _tensors(state_dict: Dict[str, Any], skip: Iterable[str] = ()) -> List[Tuple[str, torch.Tensor]]:
     skip = set(skip)
     return [(k, v) for k, v in state_dict.items() if isinstance(v, torch.Tensor) and k not in skip]
@@ -280,6 +274,12 @@ class _Reader:
         self.format: Optional[str] = None
 
     # -------------------------------------------------------------------------------- checks
+    def note_groups(self, saved_groups: Sequence[dict]) -> None:
+        """Collect each param group's hyperparameters once (by name: pipeline stages hold
+        different roles; data-parallel and TP ranks the same ones)."""
+        known = {g.get("name") for g in self.param_groups}
+        self.param_groups += [g for g in _hyperparameters(saved_groups) if g.get("name") not in known]
+
     def mismatch(self, file: str, what: str) -> CheckpointError:
         return CheckpointError(f"{file}: {what}; the files of {self.path} do not match its config.yml (was the "
                                f"config edited, or files from another run copied in?). Restore the directory as "
@@ -496,23 +496,21 @@ class _Reader:
     def read_per_param(self, states: dict, optim_sd: dict, wrapper: Optional[dict], buffers: set, file: str,
                        stage: int, t: int, cursor: int) -> _Shard:
         saved_groups = optim_sd["param_groups"]
-        if not self.param_groups:
-            self.param_groups = _hyperparameters(saved_groups)
+        self.note_groups(saved_groups)
         count = sum(len(g["params"]) for g in saved_groups)
         params, layers = self.module_params(states, buffers, stage, t, cursor, count)
         if len(params) != count:
             raise self.mismatch(file, f"the optimizer holds {count} parameters, the model files "
                                       f"{len(params)} for this stage")
-        # weight_decay_groups: [decay, no_decay], empty groups dropped; saved groups carry the name
-        split = {"weight_decay": [p for p in params if not is_no_decay(p[0])],
-                 "no_weight_decay": [p for p in params if is_no_decay(p[0])]}
-        in_order = [g for g in split.values() if g]
-        groups = [split.get(saved.get("name"), in_order[g] if g < len(in_order) else [])
-                  for g, saved in enumerate(saved_groups)]
+        # each saved group names which parameters it holds (neox_sophia.optim.groups.GROUP_MEMBERS)
+        unknown = [saved.get("name") for saved in saved_groups if saved.get("name") not in GROUP_MEMBERS]
+        if unknown:
+            raise self.mismatch(file, f"param groups named {unknown}: not groups this reader knows")
+        groups = [[p for p in params if GROUP_MEMBERS[saved["name"]](p[0])] for saved in saved_groups]
         for g, (saved, group) in enumerate(zip(saved_groups, groups)):
             if len(group) != len(saved["params"]):
                 raise self.mismatch(file, f"param group {g} ({saved.get('name')}) holds {len(saved['params'])} "
-                                          f"parameters; by the weight-decay rule it should hold {len(group)}")
+                                          f"parameters; by its name it should hold {len(group)}")
         masters = None
         if wrapper is not None:
             masters = wrapper.get("fp32_groups")
@@ -576,8 +574,7 @@ class _Reader:
         if parts is None:
             parts, files = self.load_partitions(mp_rank)
         base0 = parts[0]["base_optimizer_state"]
-        if not self.param_groups:
-            self.param_groups = _hyperparameters(base0["param_groups"] if isinstance(base0, dict) else [])
+        self.note_groups(base0["param_groups"] if isinstance(base0, dict) else [])
         for g, group in enumerate(groups):
             masters, states, padding = [], {}, 0
             for d, osd in enumerate(parts):
@@ -695,4 +692,4 @@ def read_checkpoint(save_dir: str, step: Optional[int] = None, optimizer_state: 
 
 
 __all__ = ["FullCheckpoint", "read_checkpoint", "load_file", "resolve", "read_config", "neox_config",
-           "is_no_decay", "CLIENT_KEYS"]
+           "CLIENT_KEYS"]

@@ -30,6 +30,7 @@ from neox_sophia.training.checkpoint import is_universal
 from neox_sophia.training.finetune import load_weights_only, neox_needs_weights_only, weights_only
 from neox_sophia.training.lifecycle import StopSignals, log, signal_name
 from neox_sophia.training.metrics import Metrics, Progress
+from neox_sophia.training.sophia_groups import refresh_hessian_floors, statistics_record
 from neox_sophia.training.steps import (collate, evaluate, hessian_uniforms, pipeline_hessian_step,
                                         pipeline_train_step, plain_hessian_step, plain_train_step)
 
@@ -98,7 +99,8 @@ def setup(cfg: NeoXConfig) -> Run:
 
     from neox_sophia.data.tokenizers import build_tokenizer
     from neox_sophia.model import build_model
-    from neox_sophia.optim.factory import build_optimizer, weight_decay_groups
+    from neox_sophia.model.gpt_neox import global_named_parameters
+    from neox_sophia.optim.groups import role_groups
     from neox_sophia.optim.schedules import AnnealingLR
     from neox_sophia.parallel.topology import MegatronMPU, init_distributed, initialize_model_parallel
 
@@ -107,9 +109,9 @@ def setup(cfg: NeoXConfig) -> Run:
     layout = cfg.layout(dist.get_world_size())
     if cfg.training.train_iters is None:
         raise TrainingError("train_iters: not set; say how many optimizer steps to train")
-    if cfg.optimizer.type == "sophia" and cfg.optimizer.params["estimator"] != "gnb":
+    if getattr(cfg.optimizer.params, "estimator", "gnb") != "gnb":
         raise TrainingError(f"optimizer.params.estimator: the trainer implements 'gnb' (Sophia-G); "
-                            f"'{cfg.optimizer.params['estimator']}' needs a double backward and is available "
+                            f"'{cfg.optimizer.params.estimator}' needs a double backward and is available "
                             f"for single-process use as neox_sophia.optim.hessian.hutchinson")
     if cfg.engine.resolved_precision == "fp16" and cfg.engine.zero_stage == 0:
         # DeepSpeed 0.19's engine.backward() applies the loss scale only for ZeRO optimizers, but
@@ -127,8 +129,12 @@ def setup(cfg: NeoXConfig) -> Run:
     torch.manual_seed(cfg.training.seed)
     model = build_model(cfg.model, cfg.parallel, padded, grid, cfg.training.seed).to(device)
     _count_replicated_once_per_stage(model, grid)
-    bs = cfg.hessian_tokens(layout.world_size) if cfg.optimizer.type == "sophia" else None
-    optimizer = build_optimizer(cfg.optimizer.optimizer, weight_decay_groups(model, cfg.optimizer.weight_decay), bs=bs)
+    bs = cfg.hessian_tokens(layout.world_size) if cfg.hessian_interval else None
+    params = cfg.optimizer.params
+    groups = role_groups(global_named_parameters(model), cfg.optimizer.weight_decay,
+                         embedding_weight_decay=cfg.optimizer.embedding_weight_decay,
+                         overrides=params.group_overrides())
+    optimizer = params.build(groups, bs)
     # A PipelineModule brings its own grid; a plain module gets megatron-core's groups.
     mpu = None if cfg.parallel.pipe_parallel_size >= 1 else MegatronMPU()
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, mpu=mpu,
@@ -180,6 +186,7 @@ def _resume(run: Run) -> tuple:
         where = os.path.join(cfg.load, tag)
     if "scheduler" in state:  # absent in a checkpoint converted from Hugging Face: the schedule starts
         run.scheduler.load_state_dict(state["scheduler"])
+    refresh_hessian_floors(run.optimizer)  # a universal checkpoint carries h, not the floors
     log.info("resumed from %s at step %d", where, state["step"])
     if dist.get_rank() == 0:
         print(f"neox-sophia: resumed from {where} at step {state['step']}", flush=True)
@@ -190,7 +197,9 @@ def _layout_record(run: Run) -> Dict[str, object]:
     """What a checkpoint's files depend on: a DeepSpeed checkpoint resumes only at the same."""
     return {"model_parallel_size": run.layout.tp, "pipe_parallel_size": run.cfg.parallel.pipe_parallel_size,
             "data_parallel_size": run.layout.dp, "zero_stage": run.cfg.engine.zero_stage,
-            "precision": run.cfg.engine.resolved_precision}
+            "precision": run.cfg.engine.resolved_precision,
+            # optimizer param groups, one per parameter role (earlier versions: two, by weight decay)
+            "param_groups": "by_role"}
 
 
 def _check_layout(run: Run, directory: str) -> None:
@@ -216,18 +225,6 @@ def _load_universal(run: Run, directory: str) -> Dict[str, object]:
                             f"optimizer is {run.cfg.optimizer.type}")
     load_universal_into(run.engine, run.optimizer, checkpoint, directory)
     return {**checkpoint.client_state, "step": checkpoint.step}
-
-
-def _sophia_statistics(run: Run) -> Dict[str, float]:
-    from neox_sophia.optim.sophia import Sophia, SophiaStatistics
-
-    if not isinstance(run.optimizer, Sophia):
-        return {"clip_frac": None, "win_rate": None}
-    sums = run.optimizer.statistics_sums()
-    if dist.get_world_size() > 1:
-        dist.all_reduce(sums)  # ratios are right whether the state is sharded or replicated
-    stats = SophiaStatistics.from_sums(sums)
-    return {"clip_frac": stats.clip_frac, "win_rate": stats.win_rate}
 
 
 def _should_save(cfg: NeoXConfig, step: int) -> bool:
@@ -262,6 +259,7 @@ def _one_step(run: Run, step: int, result: RunResult) -> bool:
         u = hessian_uniforms(cfg.training.seed, step // k, hessian, cfg.model.seq_length)
         fn = pipeline_hessian_step if run.pipeline else plain_hessian_step
         fn(run.engine, run.optimizer, hessian, u, run.vocab_size, tensor_parallel_group())
+        refresh_hessian_floors(run.optimizer)
         result.hessian_updates += 1
     result.train_loss[step + 1] = outcome.loss
     return outcome.finite
@@ -293,10 +291,10 @@ def train_loop(run: Run, start_step: int = 0, nonfinite: int = 0,
                                     f"lower the lr (optimizer.params.lr) or raise rho, or resume from the last "
                                     f"checkpoint (max_nonfinite_steps={t.max_nonfinite_steps})")
             if step % cfg.logging.log_interval == 0 or step == t.train_iters:
-                record = {"step": step, "loss": result.train_loss[step], "lr": run.scheduler.get_last_lr()[0],
+                record = {"step": step, "loss": result.train_loss[step], "lr": run.scheduler.get_lr(),
                           "grad_norm": result.grad_norm, "hessian_update": hessian_update,
                           "elapsed_s": time.time() - began, "nonfinite_steps": result.nonfinite_steps,
-                          **_sophia_statistics(run)}
+                          **statistics_record(run.optimizer)}
                 record.update(progress.report(lay.train_batch_size * cfg.model.seq_length, t.train_iters - step,
                                               _pauses_to_come(run, step)))
                 metrics.train(record)

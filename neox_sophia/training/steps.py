@@ -1,6 +1,6 @@
 """One training step, one Sophia Hessian step and one evaluation, for both DeepSpeed engines.
 
-Data layout (DESIGN.md, invariant 2; neox_sophia.data.datasets.sample_indices): optimizer step s
+Data layout (docs/design.md, invariant 2; neox_sophia.data.datasets.sample_indices): optimizer step s
 consumes the global samples [s*B, (s+1)*B), B = train_batch_size. Which rank computes a sample
 changes with the layout; the set of samples in a step, and every sample's content and sampled
 labels, do not.
