@@ -12,8 +12,8 @@
                                jsonl -> Megatron indexed dataset (GPT-NeoX's arguments)
     neox-sophia corpus [--source stdlib|gcide] --output-dir data/stdlib
                                build a built-in corpus (Python's stdlib, or GCIDE English) and its tokenizer
-    neox-sophia convert consolidate|to-hf|from-hf ...
-                               checkpoints between layouts and Hugging Face (see convert/cli.py)
+    neox-sophia convert consolidate|to-hf|from-hf|to-neox|from-neox ...
+                               checkpoints between layouts, Hugging Face and GPT-NeoX (convert/cli.py)
     neox-sophia inspect SAVE_DIR
                                a checkpoint's layout, step, tensors and optimizer state
 """
@@ -230,7 +230,8 @@ def _delegate(module: str, add: str = "add_arguments", run: str = "run"):
 for _name, _help, _module, _names in [
         ("preprocess", "tokenize jsonl into a Megatron indexed dataset (.bin/.idx)", "neox_sophia.data.preprocess", ()),
         ("corpus", "build a built-in corpus (Python's stdlib; GCIDE English) and its tokenizer", "neox_sophia.data.corpus", ()),
-        ("convert", "checkpoints: consolidate (any layout -> universal), to-hf, from-hf", "neox_sophia.convert.cli", ()),
+        ("convert", "checkpoints: consolidate (any layout -> universal), to-hf, from-hf, to-neox, from-neox",
+         "neox_sophia.convert.cli", ()),
         ("inspect", "layout, step, config, tensors and optimizer state of a checkpoint", "neox_sophia.convert.cli",
          ("add_inspect_arguments", "run_inspect"))]:
     _add, _run = _delegate(_module, *_names)

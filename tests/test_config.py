@@ -110,9 +110,9 @@ def test_unknown_key_suggests_the_closest(write):
 
 
 def test_unimplemented_neox_setting_is_an_error_but_its_default_is_accepted(write):
-    a = write("a.yml", MODEL[:-1] + ', "sequence_parallel": true, "num_kv_heads": 2}')
+    a = write("a.yml", MODEL[:-1] + ', "sequence_parallel": true, "use_qk_layernorm": true}')
     message = error_of(a)
-    assert "sequence_parallel: True is a GPT-NeoX setting" in message and "num_kv_heads" in message
+    assert "sequence_parallel: True is a GPT-NeoX setting" in message and "use_qk_layernorm" in message
     assert a in message
     load(write("b.yml", MODEL[:-1] + ', "sequence_parallel": false, "use_mup": false}'))
 
@@ -136,7 +136,7 @@ def test_every_implemented_key_is_a_neox_key_or_a_listed_extension():
 
 @pytest.mark.parametrize("extra,key", [
     ('"pos_emb": "alibi"', "pos_emb"),
-    ('"norm": "rmsnorm"', "norm"),
+    ('"norm": "scalenorm"', "norm"),
     ('"attention_config": [[["local"], 2]]', "attention_config"),
     ('"attention_config": [[["flash"], 3]]', "attention_config"),
     ('"init_method": "orthogonal"', "init_method"),

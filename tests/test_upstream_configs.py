@@ -26,7 +26,9 @@ SOPHIA, ADAMW = (os.path.join(ROOT, "configs", f"{name}.yml") for name in ("soph
 
 PLAN, COMPANION = "plan", "companion"
 FP16_AT_STAGE_0 = "zero_optimization: fp16 needs ZeRO stage 1 or 2 with this DeepSpeed"
-LLAMA = "rms_norm_epsilon: "  # RMSNorm, SwiGLU, GQA: the llama-family files (issue 17, item 7)
+LLAMA_TRAIN_CONFIG = "gpt-neox/llama/train_config.yml"
+PLAN_WITH_LLAMA_TRAIN_CONFIG = "plan with llama/train_config.yml"  # the llama files' batch and schedule live there
+NOT_SOFTMAX_ATTENTION = "attention_config: layer type(s)"
 # file -> PLAN, COMPANION, or the start of its one-line refusal (after "FILE: ")
 EXPECTED = {
     "gpt-neox/125M.yml": PLAN, "gpt-neox/125M-json.yml": PLAN, "gpt-neox/19M.yml": PLAN,
@@ -38,17 +40,20 @@ EXPECTED = {
                                             "implement",
     "gpt-neox/125M-dmoe.yml": "moe_num_experts: 8 is a GPT-NeoX setting this project does not implement",
     "gpt-neox/bnb_125M.yml": "use_bnb_optimizer: True is a GPT-NeoX setting this project does not implement",
-    "gpt-neox/gmlp_small.yml": "pos_emb: 'none' is not implemented",
+    "gpt-neox/gmlp_small.yml": NOT_SOFTMAX_ATTENTION,
     "gpt-neox/sparse.yml": "sparsity_config: {'block': 16, 'num_local_blocks': 32} is a GPT-NeoX setting",
-    "gpt-neox/finetuning_configs/6-9B.yml": "finetune: True is a GPT-NeoX setting",
-    "gpt-neox/mamba/mamba-130M.yml": "rms_norm_epsilon: 1e-05", "gpt-neox/mamba/mamba-370M.yml": "rms_norm_epsilon: 1e-05",
-    "gpt-neox/mamba/mamba-790M.yml": "rms_norm_epsilon: 1e-05", "gpt-neox/mamba/mamba-1.4B.yml": "rms_norm_epsilon: 1e-05",
-    "gpt-neox/mamba/mamba-2.8B.yml": "rms_norm_epsilon: 1e-05", "gpt-neox/rwkv/170M.yml": "rms_norm_epsilon: 1e-05",
-    **{f"gpt-neox/{name}.yml": LLAMA for name in ("llama/7B", "llama/13B", "llama/30B", "llama/65B", "llama2/7B",
-                                                  "llama2/13B", "llama2/codellama_7B", "llemma/7B")},
-    **{f"gpt-neox/{name}.yml": "num_kv_heads: 8 is a GPT-NeoX setting"
-       for name in ("llama2/70B", "llama2/codellama_34B", "llemma/34B", "mistral/7B")},
-    "gpt-neox/llama/train_config.yml": "finetune: True is a GPT-NeoX setting",  # the llama files' companion
+    # a NeoX finetuning file that asks not to restore the fp32 master weights of its source
+    "gpt-neox/finetuning_configs/6-9B.yml": "zero_optimization: load_from_fp32_weights: False is not supported",
+    **{f"gpt-neox/mamba/mamba-{size}.yml": NOT_SOFTMAX_ATTENTION for size in ("130M", "370M", "790M", "1.4B", "2.8B")},
+    "gpt-neox/rwkv/170M.yml": NOT_SOFTMAX_ATTENTION,
+    **{f"gpt-neox/{name}.yml": PLAN_WITH_LLAMA_TRAIN_CONFIG for name in (
+        "llama/7B", "llama/13B", "llama/30B", "llama/65B", "llama2/7B", "llama2/13B", "llama2/70B",
+        "llama2/codellama_7B", "llama2/codellama_34B")},
+    # as published, NeoX itself could not build this MLP; the refusal names intermediate_size: 43008
+    "gpt-neox/mistral/7B.yml": "intermediate_size: 14336 with activation swiglu",
+    **{f"gpt-neox/llemma/{size}.yml": "data_types: {'grad_accum_dtype': 'fp32'} is a GPT-NeoX setting"
+       for size in ("7B", "34B")},
+    LLAMA_TRAIN_CONFIG: COMPANION,  # loaded next to a llama model file
     **{f"gpt-neox/pythia/{size}.yml": PLAN for size in ("70M", "160M", "410M", "1-4B", "2-8B", "6-9B", "12B")},
     **{f"gpt-neox/pythia/{size}.yml": FP16_AT_STAGE_0 for size in ("14M", "31M", "1B")},
     **{f"pythia/{size}/pythia-{name}{dedup}.yml": PLAN
@@ -107,7 +112,16 @@ def test_plans_with_the_right_count_and_switches_to_sophia(name):
         assert non_embedding == PYTHIA_NON_EMBEDDING[m.num_layers, m.hidden_size]
 
 
-@pytest.mark.parametrize("name", [n for n, e in EXPECTED.items() if e not in (PLAN, COMPANION)])
+@pytest.mark.parametrize("name", [n for n, e in EXPECTED.items() if e == PLAN_WITH_LLAMA_TRAIN_CONFIG])
+def test_llama_family_plans_next_to_its_train_config_and_switches_to_sophia(name):
+    """The parameter counts of these shapes are checked against the published models in
+    tests/test_llama_family.py."""
+    cfg, result = planned([name, LLAMA_TRAIN_CONFIG])
+    assert cfg.optimizer.type == "sophia" and cfg.model.norm == "rmsnorm" and result["parameters"] > 6e9
+
+
+@pytest.mark.parametrize("name", [n for n, e in EXPECTED.items() if e not in (PLAN, COMPANION,
+                                                                                PLAN_WITH_LLAMA_TRAIN_CONFIG)])
 def test_is_refused_in_one_line_for_the_stated_reason(name):
     with pytest.raises(ConfigError) as refused:
         cfg = load([name], override_files=[SOPHIA])
@@ -125,8 +139,9 @@ def test_fp16_at_stage_0_plans_at_stage_1(name):
 
 @pytest.mark.parametrize("name", [n for n, e in EXPECTED.items() if e == COMPANION])
 def test_companion_files_load_next_to_a_model_file(name):
-    cfg = load(["gpt-neox/125M.yml", name], override_files=[SOPHIA])
-    assert cfg.optimizer.type == "sophia" and cfg.model.hidden_size == 768
+    model, hidden = ("gpt-neox/llama/7B.yml", 4096) if name == LLAMA_TRAIN_CONFIG else ("gpt-neox/125M.yml", 768)
+    cfg = load([model, name], override_files=[SOPHIA])
+    assert cfg.optimizer.type == "sophia" and cfg.model.hidden_size == hidden
 
 
 # --- a few steps on CPU at a reduced size ------------------------------------------------------

@@ -171,9 +171,10 @@ class NeoXConfig:
             except ConfigError as e:
                 raise self._error(e) from None
         tp = self.parallel.model_parallel_size
-        if self.model.num_attention_heads % tp:
-            raise self._error(ConfigError(f"num_attention_heads: {self.model.num_attention_heads} is not "
-                                          f"divisible by model_parallel_size {tp}"))
+        for key, heads in (("num_attention_heads", self.model.num_attention_heads),
+                           ("num_kv_heads", self.model.kv_heads)):
+            if heads % tp:
+                raise self._error(ConfigError(f"{key}: {heads} is not divisible by model_parallel_size {tp}"))
         if self.training.min_lr > self.optimizer.params.lr:
             raise self._error(ConfigError(f"min_lr: {self.training.min_lr} is above optimizer.params.lr "
                                           f"{self.optimizer.params.lr}"))

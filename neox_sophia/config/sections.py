@@ -259,6 +259,18 @@ class CheckpointConfig:
     """Additional steps to save at."""
     keep_last_n_checkpoints: Optional[int] = None
     """Delete older checkpoints beyond this many."""
+    finetune: bool = False
+    """NeoX: load only the weights of `load` and start at step 0 with a fresh optimizer and LR
+    schedule (e.g. from a NeoX, Pythia or Hugging Face-converted checkpoint)."""
+    no_load_optim: bool = False
+    """NeoX: load only the weights of `load`; the step (and the data position) continue from the
+    checkpoint's, the optimizer state and the LR schedule start fresh. How a run trained with AdamW
+    continues with Sophia (or the other way round)."""
+    override_lr_scheduler: bool = False
+    """NeoX: on resume take the LR schedule's settings (lr, warmup, decay, min_lr) from the config
+    and only its step count from the checkpoint. That is what resuming always does here (a
+    checkpoint stores only the step count), so true and false behave alike; with false NeoX also
+    asserts that the settings did not change, which is not checked here."""
 
     def validate(self) -> None:
         check(self.save is None or self.checkpoint_factor is not None or self.extra_save_iters is not None,

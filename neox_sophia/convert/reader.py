@@ -90,12 +90,19 @@ def _safe_classes() -> list:
                                     dynamic under fp16)
     ZeroStageEnum                   ZeRO optimizer state 'zero_stage'
     fragment_address                ZeRO / bf16 optimizer state 'param_slice_mappings' (numel, start)
+    numpy arrays                    GPT-NeoX's client state 'np_rng_state' (np.random.get_state(): a
+                                    uint32 array); rebuilt as data, nothing executed
     """
+    import numpy as np
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
-    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+    multiarray = getattr(np, "_core", None) or np.core  # numpy 2 / numpy 1
+    numpy_arrays = [multiarray.multiarray._reconstruct, np.ndarray, np.dtype]
+    numpy_arrays += [getattr(np.dtypes, name) for name in ("UInt32DType", "Int64DType", "Float64DType")
+                     if hasattr(getattr(np, "dtypes", None), name)]
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address, *numpy_arrays]
 
 
 def load_file(path: str) -> Any:
@@ -409,7 +416,7 @@ class _Reader:
 
     def check_model(self, weights: Dict[str, torch.Tensor]) -> List[str]:
         """Every parameter config.yml's model has, at its full shape; returns the names in model order."""
-        from neox_sophia.convert.hf import expected_shapes
+        from neox_sophia.model.gpt_neox import parameter_shapes
 
         m, cfg = self.model, self.cfg
         if "embed_in.weight" not in weights:
@@ -419,7 +426,7 @@ class _Reader:
         if padded % multiple:
             raise self.mismatch(self.path, f"the vocabulary has {padded} rows, not a multiple of "
                                            f"make_vocab_size_divisible_by x model_parallel_size = {multiple}")
-        shapes = expected_shapes(cfg.model, padded)
+        shapes = parameter_shapes(cfg.model, padded)
         missing = [n for n in shapes if n not in weights]
         unexpected = [n for n in weights if n not in shapes]
         wrong = [f"{n} {list(weights[n].shape)} (config: {list(s)})" for n, s in shapes.items()

@@ -79,7 +79,8 @@ def _essentials(cfg, padded_vocab: Optional[int], parameters: int) -> Dict[str, 
                   "ffn_hidden_size": m.ffn_hidden_size, "seq_length": m.seq_length,
                   "max_position_embeddings": m.max_position_embeddings, "padded_vocab_size": padded_vocab,
                   "no_weight_tying": m.no_weight_tying, "gpt_j_residual": m.gpt_j_residual,
-                  "rotary_pct": m.rotary_pct, "parameters": parameters},
+                  "rotary_pct": m.rotary_pct, "norm": m.norm, "activation": m.activation, "kv_heads": m.kv_heads,
+                  "parameters": parameters},
         "optimizer": {"type": cfg.optimizer.type, "params": dataclasses.asdict(cfg.optimizer.params),
                       "weight_decay": cfg.optimizer.weight_decay},
         "schedule": {"train_iters": t.train_iters, "lr_decay_iters": t.decay_iters, "lr_decay_style": t.lr_decay_style,
@@ -267,8 +268,9 @@ def render(summary: Dict[str, Any]) -> str:
     if lay:
         lines.append("layout: " + ", ".join(f"{k} {v}" for k, v in lay.items()))
     m = s["model"]
-    lines.append(f"model: {m['num_layers']} layers, hidden {m['hidden_size']}, {m['num_attention_heads']} heads, "
-                 f"ffn {m['ffn_hidden_size']}, seq {m['seq_length']}, vocab {m['padded_vocab_size']} (padded), "
+    kv = f" ({m['kv_heads']} key/value)" if m.get("kv_heads", m["num_attention_heads"]) != m["num_attention_heads"] else ""
+    lines.append(f"model: {m['num_layers']} layers, hidden {m['hidden_size']}, {m['num_attention_heads']} heads{kv}, "
+                 f"{m.get('norm', 'layernorm')}, {m.get('activation', 'gelu')}, ffn {m['ffn_hidden_size']}, seq {m['seq_length']}, vocab {m['padded_vocab_size']} (padded), "
                  f"{'untied' if m['no_weight_tying'] else 'tied'} embeddings, {m['parameters']:,} parameters")
     o = s["optimizer"]
     lines.append(f"optimizer: {o['type']} " + ", ".join(f"{k}={v}" for k, v in o["params"].items())

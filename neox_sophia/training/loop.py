@@ -22,10 +22,12 @@ import torch
 import torch.distributed as dist
 
 from neox_sophia.config.neox import NeoXConfig
+from neox_sophia.convert.neox import is_neox_checkpoint
 from neox_sophia.data.datasets import sample_indices
 from neox_sophia.parallel.topology import tensor_parallel_group
 from neox_sophia.training import checkpoint as ckpt
 from neox_sophia.training.checkpoint import is_universal
+from neox_sophia.training.finetune import load_weights_only, neox_needs_weights_only, weights_only
 from neox_sophia.training.lifecycle import StopSignals, log, signal_name
 from neox_sophia.training.metrics import Metrics, Progress
 from neox_sophia.training.preflight import refuse_untrainable
@@ -160,14 +162,20 @@ def _datasets(cfg: NeoXConfig, layout, tokenizer):
 
 def _resume(run: Run) -> tuple:
     """(step, non-finite steps so far) from `load`, or (0, 0) for a fresh start. `load` is a
-    checkpoint directory saved at this run's layout, or a universal checkpoint (any layout)."""
+    checkpoint directory saved at this run's layout, or a universal checkpoint (any layout); with
+    finetune / no_load_optim, weights only from any of those or from a GPT-NeoX checkpoint."""
     cfg = run.cfg.checkpoint
     if not cfg.load:
         return 0, 0
     fresh = not os.path.isdir(cfg.load) or not os.listdir(cfg.load)
     if fresh and cfg.load == cfg.save:  # the first run of a resumable setup
         return 0, 0
-    if is_universal(cfg.load):
+    if weights_only(cfg):  # NeoX's finetune / no_load_optim (training/finetune.py)
+        state = load_weights_only(run, cfg.load)
+        where = state["where"]
+    elif is_neox_checkpoint(cfg.load):
+        raise TrainingError(neox_needs_weights_only(cfg.load))
+    elif is_universal(cfg.load):
         state = _load_universal(run, cfg.load)
         where = cfg.load
     else:
