@@ -30,7 +30,8 @@ from neox_sophia.training.lifecycle import StopSignals, log, signal_name
 from neox_sophia.training.metrics import Metrics, Progress
 from neox_sophia.training.sophia_groups import refresh_hessian_floors, statistics_record
 from neox_sophia.training.steps import (collate, evaluate, hessian_uniforms, pipeline_hessian_step,
-                                        pipeline_train_step, plain_hessian_step, plain_train_step)
+                                        pipeline_train_step, plain_hessian_step, plain_hutchinson_step,
+                                        plain_train_step)
 
 
 class TrainingError(RuntimeError):
@@ -107,10 +108,6 @@ def setup(cfg: NeoXConfig) -> Run:
     layout = cfg.layout(dist.get_world_size())
     if cfg.training.train_iters is None:
         raise TrainingError("train_iters: not set; say how many optimizer steps to train")
-    if getattr(cfg.optimizer.params, "estimator", "gnb") != "gnb":
-        raise TrainingError(f"optimizer.params.estimator: the trainer implements 'gnb' (Sophia-G); "
-                            f"'{cfg.optimizer.params.estimator}' needs a double backward and is available "
-                            f"for single-process use as neox_sophia.optim.hessian.hutchinson")
     if cfg.engine.resolved_precision == "fp16" and cfg.engine.zero_stage == 0:
         # DeepSpeed 0.19's engine.backward() applies the loss scale only for ZeRO optimizers, but
         # its non-ZeRO fp16 optimizers divide the gradients by it all the same (deepspeedai/
@@ -247,14 +244,35 @@ def _one_step(run: Run, step: int, result: RunResult) -> bool:
     result.grad_norm = _grad_norm(run.engine)  # before the Hessian step clips its own gradient
     k = run.cfg.hessian_interval
     if k and step % k == k - 1:
-        hessian = run.hessian_micro_batches(step // k)
-        u = hessian_uniforms(cfg.training.seed, step // k, hessian, cfg.model.seq_length)
-        fn = pipeline_hessian_step if run.pipeline else plain_hessian_step
-        fn(run.engine, run.optimizer, hessian, u, run.vocab_size, tensor_parallel_group())
+        HESSIAN_REFRESHES[cfg.optimizer.params.estimator](run, step // k)
         refresh_hessian_floors(run.optimizer)
         result.hessian_updates += 1
     result.train_loss[step + 1] = outcome.loss
     return outcome.finite
+
+
+def _gnb_refresh(run: Run, refresh: int) -> None:
+    """Sophia-G: labels sampled from the model's softmax, keyed by global sample and position."""
+    batches = run.hessian_micro_batches(refresh)
+    uniforms = hessian_uniforms(run.cfg.training.seed, refresh, batches, run.cfg.model.seq_length)
+    step = pipeline_hessian_step if run.pipeline else plain_hessian_step
+    step(run.engine, run.optimizer, batches, uniforms, run.vocab_size, tensor_parallel_group())
+
+
+def _hutchinson_refresh(run: Run, refresh: int) -> None:
+    """Sophia-H: probes keyed by global parameter name and coordinate (the config refuses the
+    PipelineEngine and half precision for it)."""
+    from neox_sophia.model.gpt_neox import global_named_parameters
+    from neox_sophia.parallel.probes import parameter_probes
+
+    named = [(name, p) for name, p in global_named_parameters(run.engine.module) if p.requires_grad]
+    probes = parameter_probes(named, run.cfg.training.seed, refresh, run.grid.tp_rank, run.grid.tp_size)
+    plain_hutchinson_step(run.engine, run.optimizer, run.hessian_micro_batches(refresh), probes,
+                          run.cfg.optimizer.params.hutchinson_fd_eps)
+
+
+# optimizer.params.estimator -> the refresh the loop runs (the names of optim.hessian.ESTIMATORS)
+HESSIAN_REFRESHES = {"gnb": _gnb_refresh, "hutchinson": _hutchinson_refresh}
 
 
 def train_loop(run: Run, start_step: int = 0, nonfinite: int = 0,
