@@ -170,6 +170,9 @@ class NeoXConfig:
                     section.validate()
             except ConfigError as e:
                 raise self._error(e) from None
+        # what the optimizer's Hessian estimator can run on (e.g. Sophia-H: the plain engine, fp32)
+        self._located(lambda: self.optimizer.params.check_engine(
+            pipeline=self.parallel.pipe_parallel_size >= 1, precision=self.engine.resolved_precision))
         tp = self.parallel.model_parallel_size
         for key, heads in (("num_attention_heads", self.model.num_attention_heads),
                            ("num_kv_heads", self.model.kv_heads)):

@@ -53,23 +53,25 @@ class _Moments:
 
 
 def _sophia_constants(cfg, layout: Dict[str, Any]) -> Tuple[Optional[float], Optional[int]]:
-    """(rho, bs) as the trainer built Sophia: bs = optimizer.params.bs, else the tokens of the
-    global Hessian batch at the run's world size (NeoXConfig.hessian_tokens)."""
+    """(rho, bs) as the trainer built Sophia (SophiaParams.resolved_bs): optimizer.params.bs, else
+    the tokens of the global Hessian batch at the run's world size (NeoXConfig.hessian_tokens) for
+    Sophia-G, 1 for Sophia-H."""
     from neox_sophia.config import ConfigError
 
     if cfg.optimizer.type != "sophia":
         return None, None
-    params = cfg.optimizer.params
-    bs = params.bs
-    if bs is None:
+
+    def hessian_tokens() -> Optional[int]:
         world = layout.get("world_size")
         if world is None and all(k in layout for k in ("tp", "dp")):
             world = layout["tp"] * max(layout.get("pp", 0), 1) * layout["dp"]
         try:
-            bs = cfg.hessian_tokens(world)
+            return cfg.hessian_tokens(world)
         except ConfigError:
-            bs = None
-    return params.rho, bs
+            return None
+
+    params = cfg.optimizer.params
+    return params.rho, params.resolved_bs(hessian_tokens)
 
 
 def _essentials(cfg, padded_vocab: Optional[int], parameters: int) -> Dict[str, Any]:

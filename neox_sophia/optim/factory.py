@@ -17,12 +17,13 @@ import dataclasses
 import difflib
 import math
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
 from neox_sophia.config.base import ConfigError, build_section
 from neox_sophia.optim.groups import ROLES, unknown_roles
+from neox_sophia.optim.hessian import ESTIMATORS
 
 
 def _bad(key: str, value, need: str) -> ConfigError:
@@ -52,18 +53,27 @@ class SophiaParams:
     betas: List[float] = field(default_factory=lambda: [0.965, 0.99])
     """(beta1, beta2): EMA factors of the gradient and of the Hessian diagonal (paper: 0.965, 0.99)."""
     rho: float = 0.04
-    """Clipping threshold: a coordinate moves lr * |m| / (rho*bs*h), at most lr."""
+    """Clipping threshold: a coordinate moves lr * |m| / (rho*bs*h), at most lr. Sophia-H: rho is
+    the paper's gamma (bs = 1); levanter's default gamma for Sophia-H is 0.01."""
     eps: float = 1e-15
     """Floor of the denominator rho*bs*h."""
     hessian_interval: int = 10
     """k: steps between Hessian refreshes (on steps where step % k == k-1)."""
     estimator: str = "gnb"
     """Hessian-diagonal estimator: "gnb" (Gauss-Newton-Bartlett, Sophia-G) or "hutchinson"
-    (u * Hu, Sophia-H)."""
+    (u * Hu, Sophia-H: the training loss's own Hessian on the Hessian batch, true labels; the
+    plain engine in fp32 only)."""
+    hutchinson_fd_eps: float = 1e-4
+    """Sophia-H: the step e of the central difference H u ~ (g(theta + e*u) - g(theta - e*u)) / (2e),
+    u = +-1 per coordinate. Measured in fp32 against an exact double backward on GPT-NeoX models of
+    width 64 and 256: relative error ~1e-4 at e = 1e-4, the optimum of both; a larger e adds
+    third-derivative error (~e^2, growing with the width), a smaller one fp32 rounding (~1/e)."""
     hessian_batch_size: Optional[int] = None
     """Sequences in the global Hessian batch (default: half a training batch, as the paper)."""
     bs: Optional[int] = None
-    """Tokens behind one Hessian estimate (the paper's B); default: the Hessian batch's tokens."""
+    """Tokens behind one Hessian estimate (the paper's B); default: the Hessian batch's tokens.
+    Sophia-H estimates the Hessian diagonal of the mean loss itself, with no batch factor: its bs
+    is 1 and cannot be set."""
     hessian_bias_correction: bool = False
     """(beyond the paper) Divide h by 1 - beta2^n after n refreshes, as Adam corrects its moments:
     without it h holds (1 - beta2^n) of its level, so early steps are clipped more."""
@@ -90,13 +100,16 @@ class SophiaParams:
         _check_positive("eps", self.eps)
         if self.hessian_interval < 1:
             raise _bad("hessian_interval", self.hessian_interval, "must be >= 1 (k: steps between Hessian refreshes)")
-        from neox_sophia.optim.hessian import ESTIMATORS
-
         if self.estimator not in ESTIMATORS:
             raise _bad("estimator", self.estimator, f"must be one of {sorted(ESTIMATORS)}")
         for key in ("bs", "hessian_batch_size"):
             if getattr(self, key) is not None and not getattr(self, key) > 0:
                 raise _bad(key, getattr(self, key), "must be positive")
+        if self.bs is not None and not ESTIMATORS[self.estimator].batch_factor:
+            raise _bad("bs", self.bs, f"estimator {self.estimator} estimates the Hessian diagonal of the mean "
+                                      f"loss itself, with no batch factor (bs is 1; rho is the paper's gamma): "
+                                      f"remove bs")
+        _check_positive("hutchinson_fd_eps", self.hutchinson_fd_eps)
         _check_positive("hessian_floor", self.hessian_floor, allow_zero=True)
         if unknown_roles(self.adamw_groups):
             raise _bad("adamw_groups", self.adamw_groups, f"roles are {list(ROLES)}")
@@ -111,10 +124,31 @@ class SophiaParams:
         adamw = {"update": "adamw", "betas": tuple(self.adamw_betas), "eps": self.adamw_eps, "lr_scale": scale}
         return {role: dict(adamw) for role in self.adamw_groups}
 
+    def check_engine(self, *, pipeline: bool, precision: str) -> None:
+        """Raise ConfigError if the trainer cannot run this estimator on the engine (the
+        PipelineEngine when ``pipeline``) in ``precision``."""
+        estimator, name = ESTIMATORS[self.estimator], self.estimator
+        if pipeline and not estimator.pipeline:
+            raise ConfigError(f"optimizer.params.estimator: {name} runs on the plain engine only, not under the "
+                              f"PipelineEngine (pipe_parallel_size >= 1); set pipe_parallel_size to 0 (tensor and "
+                              f"data parallelism and ZeRO-1/2 work with it), or use estimator gnb", "optimizer")
+        if precision not in estimator.precisions:
+            needed = " or ".join(estimator.precisions)
+            raise ConfigError(f"optimizer.params.estimator: {name} needs precision {needed}, not {precision} (its "
+                              f"finite-difference Hessian-vector product would drown in the rounding); set precision "
+                              f"to fp32, or use estimator gnb", "optimizer")
+
+    def resolved_bs(self, hessian_tokens: Callable[[], Optional[int]]) -> Optional[int]:
+        """The update's bs: optimizer.params.bs, else the tokens of the Hessian batch
+        (``hessian_tokens()``) for an estimator whose estimate lacks that factor (GNB), else 1."""
+        if self.bs is not None:
+            return self.bs
+        return hessian_tokens() if ESTIMATORS[self.estimator].batch_factor else 1
+
     def build(self, groups: List[dict], bs: Optional[int]) -> torch.optim.Optimizer:
         from neox_sophia.optim.sophia import Sophia
 
-        bs = self.bs if self.bs is not None else bs
+        bs = self.resolved_bs(lambda: bs)
         if bs is None:
             raise ConfigError("optimizer.params.bs: tokens per Hessian batch is derived by the trainer; "
                               "pass it to build_optimizer or set it", "optimizer")
@@ -141,6 +175,9 @@ class AdamWParams:
 
     def group_overrides(self) -> Dict[str, dict]:
         return {}
+
+    def check_engine(self, *, pipeline: bool, precision: str) -> None:
+        """AdamW runs on every engine in every precision."""
 
     def build(self, groups: List[dict], bs: Optional[int]) -> torch.optim.Optimizer:
         fused = torch.cuda.is_available() and all(t.is_cuda for g in groups for t in g["params"])

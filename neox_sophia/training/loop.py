@@ -33,7 +33,8 @@ from neox_sophia.training.metrics import Metrics, Progress
 from neox_sophia.training.preflight import refuse_untrainable
 from neox_sophia.training.sophia_groups import refresh_hessian_floors, statistics_record
 from neox_sophia.training.steps import (collate, evaluate, hessian_uniforms, pipeline_hessian_step,
-                                        pipeline_train_step, plain_hessian_step, plain_train_step)
+                                        pipeline_train_step, plain_hessian_step, plain_hutchinson_step,
+                                        plain_train_step)
 
 
 class TrainingError(RuntimeError):
@@ -253,14 +254,35 @@ def _one_step(run: Run, step: int, result: RunResult) -> bool:
     result.grad_norm = _grad_norm(run.engine)  # before the Hessian step clips its own gradient
     k = run.cfg.hessian_interval
     if k and step % k == k - 1:
-        hessian = run.hessian_micro_batches(step // k)
-        u = hessian_uniforms(cfg.training.seed, step // k, hessian, cfg.model.seq_length)
-        fn = pipeline_hessian_step if run.pipeline else plain_hessian_step
-        fn(run.engine, run.optimizer, hessian, u, run.vocab_size, tensor_parallel_group())
+        HESSIAN_REFRESHES[cfg.optimizer.params.estimator](run, step // k)
         refresh_hessian_floors(run.optimizer)
         result.hessian_updates += 1
     result.train_loss[step + 1] = outcome.loss
     return outcome.finite
+
+
+def _gnb_refresh(run: Run, refresh: int) -> None:
+    """Sophia-G: labels sampled from the model's softmax, keyed by global sample and position."""
+    batches = run.hessian_micro_batches(refresh)
+    uniforms = hessian_uniforms(run.cfg.training.seed, refresh, batches, run.cfg.model.seq_length)
+    step = pipeline_hessian_step if run.pipeline else plain_hessian_step
+    step(run.engine, run.optimizer, batches, uniforms, run.vocab_size, tensor_parallel_group())
+
+
+def _hutchinson_refresh(run: Run, refresh: int) -> None:
+    """Sophia-H: probes keyed by global parameter name and coordinate (the config refuses the
+    PipelineEngine and half precision for it)."""
+    from neox_sophia.model.gpt_neox import global_named_parameters
+    from neox_sophia.parallel.probes import parameter_probes
+
+    named = [(name, p) for name, p in global_named_parameters(run.engine.module) if p.requires_grad]
+    probes = parameter_probes(named, run.cfg.training.seed, refresh, run.grid.tp_rank, run.grid.tp_size)
+    plain_hutchinson_step(run.engine, run.optimizer, run.hessian_micro_batches(refresh), probes,
+                          run.cfg.optimizer.params.hutchinson_fd_eps)
+
+
+# optimizer.params.estimator -> the refresh the loop runs (the names of optim.hessian.ESTIMATORS)
+HESSIAN_REFRESHES = {"gnb": _gnb_refresh, "hutchinson": _hutchinson_refresh}
 
 
 def train_loop(run: Run, start_step: int = 0, nonfinite: int = 0,

@@ -3,9 +3,9 @@
     refuse_untrainable(cfg, world_size)   # ConfigError, one line: a setting train cannot run
     missing_for_training(cfg)             # lines: what train needs that is not there (yet)
 
-The first are contradictions inside the config (a precision the engine mishandles, an estimator
-the trainer has no step for, a batch the world size cannot split); `plan` refuses them too. The
-second depend on the machine or on files still to come (data, tokenizer files, train_iters in
+The first are contradictions inside the config (a precision the engine mishandles, a batch the
+world size cannot split; an estimator without a step for the engine is refused at config load);
+`plan` refuses them too. The second depend on the machine or on files still to come (data, tokenizer files, train_iters in
 another file), so `plan` only warns about them.
 """
 from __future__ import annotations
@@ -18,10 +18,6 @@ from neox_sophia.config.base import ConfigError
 
 def refuse_untrainable(cfg, world_size: int) -> None:
     """Raise ConfigError for a config `train` would refuse at ``world_size`` ranks."""
-    if getattr(cfg.optimizer.params, "estimator", "gnb") != "gnb":
-        raise cfg._error(ConfigError(f"optimizer.params.estimator: the trainer implements 'gnb' (Sophia-G); "
-                          f"'{cfg.optimizer.params.estimator}' needs a double backward and is available "
-                          f"for single-process use as neox_sophia.optim.hessian.hutchinson", "optimizer"))
     if cfg.engine.resolved_precision == "fp16" and cfg.engine.zero_stage == 0:
         # DeepSpeed 0.19's engine.backward() applies the loss scale only for ZeRO optimizers, but
         # its non-ZeRO fp16 optimizers divide the gradients by it all the same (deepspeedai/
