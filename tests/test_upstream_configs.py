@@ -117,7 +117,7 @@ def test_llama_family_plans_next_to_its_train_config_and_switches_to_sophia(name
     """The parameter counts of these shapes are checked against the published models in
     tests/test_llama_family.py."""
     cfg, result = planned([name, LLAMA_TRAIN_CONFIG])
-    assert cfg.optimizer.type == "sophia" and cfg.model.norm == "rmsnorm" and result["parameters"] > 6e9
+    assert cfg.optimizer.type == "sophia" and cfg.model.norm == "rmsnorm" and result["parameters"] > 4e9
 
 
 @pytest.mark.parametrize("name", [n for n, e in EXPECTED.items() if e not in (PLAN, COMPANION,
