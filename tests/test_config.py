@@ -306,7 +306,8 @@ def test_optimizer_block_defaults_aliases_and_errors():
     name, params = parse_optimizer_block({"type": "Sophia", "params": {"lr": 2e-4, "hessian_interval": 5}})
     assert name == "sophia"
     assert params == {"lr": 2e-4, "betas": [0.965, 0.99], "rho": 0.04, "eps": 1e-15,
-                      "hessian_interval": 5, "estimator": "gnb", "hessian_batch_size": None, "bs": None}
+                      "hessian_interval": 5, "estimator": "gnb", "hessian_batch_size": None, "bs": None,
+                      "fused": None}
     assert parse_optimizer_block({"type": "Adam", "params": {"lr": 6e-4}})[0] == "adamw"
     assert parse_optimizer_block(None) == ("adamw", {"lr": 1e-3, "betas": [0.9, 0.999], "eps": 1e-8})
     cases = [

@@ -36,7 +36,8 @@ def _build_sophia(groups: List[dict], p: Dict[str, Any]) -> torch.optim.Optimize
     if p["bs"] is None:
         raise ConfigError("optimizer.params.bs: tokens per Hessian batch is derived by the trainer; "
                           "pass it to build_optimizer or set it")
-    return Sophia(groups, lr=p["lr"], betas=tuple(p["betas"]), rho=p["rho"], eps=p["eps"], bs=p["bs"])
+    return Sophia(groups, lr=p["lr"], betas=tuple(p["betas"]), rho=p["rho"], eps=p["eps"], bs=p["bs"],
+                  fused=p["fused"])
 
 
 def _build_adamw(groups: List[dict], p: Dict[str, Any]) -> torch.optim.Optimizer:
@@ -48,7 +49,7 @@ def _build_adamw(groups: List[dict], p: Dict[str, Any]) -> torch.optim.Optimizer
 OPTIMIZERS: Dict[str, OptimizerSpec] = {
     "sophia": OptimizerSpec(
         defaults={"lr": 1e-4, "betas": [0.965, 0.99], "rho": 0.04, "eps": 1e-15, "hessian_interval": 10,
-                  "estimator": "gnb", "hessian_batch_size": None, "bs": None},
+                  "estimator": "gnb", "hessian_batch_size": None, "bs": None, "fused": None},
         build=_build_sophia, hessian_interval_key="hessian_interval"),
     "adamw": OptimizerSpec(defaults={"lr": 1e-3, "betas": [0.9, 0.999], "eps": 1e-8}, build=_build_adamw),
 }
@@ -58,7 +59,7 @@ ALIASES = {"adam": "adamw"}
 NEOX_DEFAULT_OPTIMIZER = {"type": "adam", "params": {"lr": 1e-3, "betas": [0.9, 0.999], "eps": 1e-8}}
 
 _PARAM_TYPES = {"lr": float, "rho": float, "eps": float, "hessian_interval": int, "estimator": str,
-                "hessian_batch_size": int, "bs": int, "betas": list}
+                "hessian_batch_size": int, "bs": int, "betas": list, "fused": bool}
 
 
 def _suggest(word: str, choices) -> str:

@@ -101,14 +101,17 @@ class Sophia(torch.optim.Optimizer):
         eps: floor of the denominator rho*bs*h.
         foreach: multi-tensor kernels (default on CPU and CUDA); False: one tensor at a time.
         maximize: maximize the objective instead of minimizing it.
+        fused: single-pass compiled kernels (neox_sophia.optim.fused): True always, False
+            never, None where they pay off (CUDA; large models on CPU). Same results either way.
     """
 
     def __init__(self, params, lr: float = 1e-4, betas: Tuple[float, float] = (0.965, 0.99),
                  rho: float = 0.04, weight_decay: float = 0.1, *, bs: float = 5120,
-                 eps: float = 1e-15, foreach: Optional[bool] = None, maximize: bool = False):
+                 eps: float = 1e-15, foreach: Optional[bool] = None, maximize: bool = False,
+                 fused: Optional[bool] = None):
         defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas,
                         rho=rho, weight_decay=weight_decay, bs=bs, eps=eps, foreach=foreach,
-                        maximize=maximize)
+                        maximize=maximize, fused=fused)
         validate_hyperparameters(defaults)
         super().__init__(params, defaults)
         self._hessian_mode = False
@@ -207,7 +210,7 @@ class Sophia(torch.optim.Optimizer):
                               [s["hessian"] for s in states], lr=lr, beta1=beta1,
                               rho=group["rho"], bs=group["bs"], eps=group["eps"],
                               weight_decay=group["weight_decay"], maximize=group["maximize"],
-                              foreach=self._use_foreach(group, device))
+                              foreach=self._use_foreach(group, device), fused=group.get("fused"))
         return loss
 
     @torch.no_grad()
@@ -234,7 +237,7 @@ class Sophia(torch.optim.Optimizer):
                 states = [self._state_for(p) for p in ps]
                 hessian_ema([s["hessian"] for s in states], es,
                             [s["hessian_rejected"] for s in states],
-                            beta2=beta2, square=estimates is None)
+                            beta2=beta2, square=estimates is None, fused=group.get("fused"))
 
     def _split_estimates(self, estimates: Sequence[Optional[Tensor]]) -> List[List[Optional[Tensor]]]:
         estimates = list(estimates)
