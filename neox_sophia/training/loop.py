@@ -96,6 +96,7 @@ def setup(cfg: NeoXConfig) -> Run:
 
     from neox_sophia.data.tokenizers import build_tokenizer
     from neox_sophia.model import build_model
+    from neox_sophia.model.compile import apply_compile
     from neox_sophia.optim.factory import build_optimizer, weight_decay_groups
     from neox_sophia.optim.schedules import AnnealingLR
     from neox_sophia.parallel.topology import MegatronMPU, init_distributed, initialize_model_parallel
@@ -124,6 +125,7 @@ def setup(cfg: NeoXConfig) -> Run:
     padded = cfg.padded_vocab_size(tokenizer.vocab_size)
     torch.manual_seed(cfg.training.seed)
     model = build_model(cfg.model, cfg.parallel, padded, grid, cfg.training.seed).to(device)
+    apply_compile(model, cfg.performance.compile_model, device)
     _count_replicated_once_per_stage(model, grid)
     bs = cfg.hessian_tokens(layout.world_size) if cfg.optimizer.type == "sophia" else None
     optimizer = build_optimizer(cfg.optimizer.optimizer, weight_decay_groups(model, cfg.optimizer.weight_decay), bs=bs)
