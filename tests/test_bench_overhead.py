@@ -29,6 +29,13 @@ def test_bench_overhead_reports_both_optimizers_time_and_memory(tmp_path):
     assert result["adamw_ms_per_iteration"] > 0 and result["sophia_ms_per_iteration"] > 0
     assert result["overhead_pct"] == pytest.approx(
         100 * (result["sophia_ms_per_iteration"] / result["adamw_ms_per_iteration"] - 1))
+    # bound: (Hessian batch / training batch) / k = (2 / 4) / 2; the label draw and the EMA ran once per block
+    assert result["bound_pct"] == pytest.approx(25.0)
+    assert result["gap_to_bound_pct"] == pytest.approx(result["overhead_pct"] - 25.0)
+    for piece in ("label_sampling", "hessian_ema"):
+        assert result[f"{piece}_ms"] > 0
+        assert result[f"{piece}_pct"] == pytest.approx(
+            100 * result[f"{piece}_ms"] / result["k"] / result["adamw_ms_per_iteration"])
     memory = result["memory"]
     assert [r["optimizer"] for r in memory["runs"]["sophia"] + memory["runs"]["adamw"]] == ["sophia"] * 2 + ["adamw"] * 2
     for run in memory["runs"]["sophia"] + memory["runs"]["adamw"]:
