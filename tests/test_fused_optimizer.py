@@ -188,3 +188,35 @@ def test_bf16_zero_master_partitions_fused_equals_eager():
         assert rank["fused_ran"] and rank[True]["dtypes"] == ["torch.float32"]
         assert all(same_bits(a, b) for a, b in zip(rank[True]["state"], rank[False]["state"]))
         assert any(t.abs().max() > 0 for t in rank[True]["state"][2::3])  # the Hessian was updated
+
+
+# ------------------------------------------------------------------------------------- on CUDA
+@pytest.mark.gpu
+def test_fused_equals_eager_on_cuda(monkeypatch):
+    """The Triton kernels against the eager CUDA kernels: probe values (inf, NaN, huge, tiny),
+    both momentum forms, the guard's cases; then a changing lr and new sizes never recompile."""
+    import torch._dynamo
+
+    cuda = torch.device("cuda")
+    assert fused._ready("step", cuda) and fused._ready("ema", cuda), fused._unavailable
+    for beta1 in (0.965, 0.3):
+        eager, compiled = ([fused.probe_values(5000, cuda, seed).abs() if seed == 3 else fused.probe_values(5000, cuda, seed)
+                            for seed in range(4)] for _ in range(2))
+        for tensors, use_fused in ((eager, False), (compiled, True)):
+            kernels.sophia_update(tensors[:1], tensors[1:2], tensors[2:3], tensors[3:], lr=6e-4, beta1=beta1, rho=0.05,
+                                  bs=4096, eps=1e-15, weight_decay=0.1, fused=use_fused)
+        assert all(same_bits(a, b) for a, b in zip(eager, compiled))
+    for square in (True, False):
+        results = []
+        for use_fused in (False, True):
+            hs, es = hessian_case(torch.float32)
+            hs, es = [h.to(cuda) for h in hs], [e.to(cuda) for e in es]
+            rejected = [torch.zeros((), device=cuda) for _ in hs]
+            kernels.hessian_ema(hs, es, rejected, beta2=0.99, square=square, fused=use_fused)
+            results.append((hs, [float(r) for r in rejected]))
+        assert all(same_bits(a, b) for a, b in zip(results[0][0], results[1][0])) and results[0][1] == results[1][1]
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    for step, numel in enumerate((3, 70000, 12345)):
+        tensors = [torch.randn(numel, device=cuda) for _ in range(4)]
+        kernels.sophia_update(tensors[:1], tensors[1:2], tensors[2:3], [tensors[3].abs()], lr=1e-3 * (step + 1),
+                              beta1=0.965, rho=0.04, bs=1000, eps=1e-15, weight_decay=0.1, fused=True)
