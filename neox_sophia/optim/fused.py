@@ -46,10 +46,6 @@ FUSED_DTYPES = (torch.float32,)
 MIN_NUMEL = 1 << 14
 # fused=None on CPU: only lists this large (16M parameters) are worth the first compile.
 AUTO_CPU_NUMEL = 1 << 24
-# The EMA's count of rejected coordinates is a reduction, which inductor's CPU code runs as a
-# second loop over the same elements. Called on chunks of this many elements (4 MiB per
-# tensor), the second loop reads from cache, so memory traffic stays at 3 words per parameter.
-CPU_EMA_CHUNK_NUMEL = 1 << 20
 
 COMPILE_OPTIONS = {
     # Triton: no FMA contraction (enable_fp_fusion off) and eager's rounding of low-precision
@@ -183,10 +179,8 @@ def hessian_ema(hessians: List[Tensor], estimates: List[Tensor], rejected: List[
         device = hessians[chosen[0]].device
         values = ema_values(beta2, square, device)
         if _ready("ema", device):
-            chunk = CPU_EMA_CHUNK_NUMEL if device.type == "cpu" else None
             for i in chosen:
-                for h, e in zip(*(_chunks(t.detach().view(-1), chunk) for t in (hessians[i], estimates[i]))):
-                    compiled("ema")(h, e, rejected[i], values)
+                compiled("ema")(hessians[i].detach().view(-1), estimates[i].detach().view(-1), rejected[i], values)
         else:
             rest = sorted(rest + chosen)
     return _take(hessians, rest), _take(estimates, rest), _take(rejected, rest)
@@ -198,15 +192,6 @@ def step_values(scalars: dict, device: torch.device) -> Tensor:
 
 def ema_values(beta2: float, square: bool, device: torch.device) -> Tensor:
     return torch.tensor([beta2, 1.0 - beta2, float(square)], dtype=torch.float64, device=device)
-
-
-def _chunks(flat: Tensor, size: Optional[int]) -> List[Tensor]:
-    """Contiguous pieces of ``size`` elements; the last one takes the remainder when it would
-    be smaller than MIN_NUMEL (so every piece compiles to the same dynamic-shape kernel)."""
-    if size is None or flat.numel() <= size + MIN_NUMEL:
-        return [flat]
-    starts = list(range(0, flat.numel() - MIN_NUMEL, size))
-    return [flat[a:b] for a, b in zip(starts, starts[1:] + [flat.numel()])]
 
 
 # ------------------------------------------------------------------------- first-use check
