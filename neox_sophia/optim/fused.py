@@ -96,8 +96,12 @@ def compiled(name: str) -> Callable:
 # ---------------------------------------------------------------------------------- the choice
 def unavailable_reason(device: torch.device) -> Optional[str]:
     """Why the fused kernels cannot run on ``device`` in this process (None: they can)."""
-    if device.type in _unavailable:
-        return _unavailable[device.type]
+    if device.type not in _unavailable:
+        _unavailable[device.type] = _missing_compiler(device)
+    return _unavailable[device.type]
+
+
+def _missing_compiler(device: torch.device) -> Optional[str]:
     if device.type not in ("cpu", "cuda"):
         return f"no compiled kernels for {device.type} tensors"
     try:
@@ -105,8 +109,9 @@ def unavailable_reason(device: torch.device) -> Optional[str]:
         import torch._inductor.config as inductor_config
     except Exception as error:  # noqa: BLE001  any import failure means no compiler
         return f"torch.compile is not available ({error})"
-    if device.type == "cpu" and shutil.which(inductor_config.cpp.cxx[-1] or "g++") is None:
-        return f"no C++ compiler ({inductor_config.cpp.cxx[-1] or 'g++'}) for torch.compile's CPU code"
+    compiler = inductor_config.cpp.cxx[-1] or "g++"
+    if device.type == "cpu" and shutil.which(compiler.split()[0]) is None:
+        return f"no C++ compiler ({compiler}) for torch.compile's CPU code"
     if device.type == "cuda":
         from torch.utils._triton import has_triton
 
@@ -120,15 +125,15 @@ def use_fused(fused: Optional[bool], tensors: Sequence[Tensor]) -> bool:
     if fused is False or not tensors:
         return False
     device = tensors[0].device
+    if fused is None:  # the size test first: small CPU runs never even import the compiler
+        worth_it = device.type == "cuda" or sum(t.numel() for t in tensors) >= AUTO_CPU_NUMEL
+        if tensors[0].dtype not in FUSED_DTYPES or not worth_it:
+            return False
     reason = unavailable_reason(device)
-    if fused is True:
-        if reason:
-            raise RuntimeError(f"Sophia fused=True: {reason}; set fused to false (or null) to run "
-                               f"the eager kernels")
-        return True
-    if reason or tensors[0].dtype not in FUSED_DTYPES:
-        return False
-    return device.type == "cuda" or sum(t.numel() for t in tensors) >= AUTO_CPU_NUMEL
+    if fused is True and reason:
+        raise RuntimeError(f"Sophia fused=True: {reason}; set fused to false (or null) to run "
+                           f"the eager kernels")
+    return reason is None
 
 
 def _eligible(*tensors: Tensor) -> bool:
@@ -205,7 +210,9 @@ def _ready(name: str, device: torch.device) -> bool:
         except Exception as error:  # noqa: BLE001  a compiler failure of any kind
             mismatch = f"compiling failed: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
         _verified[key] = mismatch is None
-        if mismatch is not None:
+        if mismatch is None:
+            log.info("Sophia: the fused %s kernel is compiled and checked on %s", name, device.type)
+        else:
             _unavailable[device.type] = f"the fused {name} kernel {mismatch}"
             warnings.warn(f"Sophia: fused kernels switched off on {device.type}: {_unavailable[device.type]}; "
                           f"running the eager kernels (same results, slower)", RuntimeWarning, stacklevel=3)

@@ -5,7 +5,7 @@ tensor holds it, how tensors are split or flattened (ZeRO hands over one flat fp
 or how many processes share the model. That is what lets the optimizer stay blind to TP, PP
 and ZeRO (DESIGN.md, invariant 1).
 
-Speed. Each ``torch._foreach_*`` call is one pass over memory. Sophia needs ~7 such passes,
+Speed. Each ``torch._foreach_*`` call is one pass over memory. Sophia needs ~11 such passes,
 which over a whole model is bandwidth-bound and slower than AdamW. Instead the tensors are cut
 into contiguous chunk views and processed in *waves* of about ``wave_numel`` elements, so that
 all passes of a wave hit data that is still in cache: memory traffic falls to what the update
