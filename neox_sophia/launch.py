@@ -12,8 +12,10 @@ the config's launch keys (hostfile, include, exclude, num_nodes, num_gpus, maste
 master_port, launcher, force_multi, no_ssh_check), as in NeoX's deepy.py. `--dry-run` prints the
 command and starts nothing. On a CPU machine `--num-gpus N` starts N local CPU ranks (gloo).
 
-Everything the runner would trip over later, on some node, is refused here first, in one line
-naming the key or file: the hostfile, the host and slot filters, the launcher's limits, and the
+A hostfile that does not exist (NeoX's 125M.yml names `/mock_path`) means this host alone, as
+NeoX and DeepSpeed's runner read it: launch says so in one line and starts the local GPUs (on a
+CPU machine, --num-gpus CPU ranks). Everything else the runner would trip over later, on some
+node, is refused here first, in one line naming the key or file: the hostfile, the host and slot filters, the launcher's limits, and the
 world size against the TP x PP grid and the batch. The world size is computed by DeepSpeed's own
 hostfile parser and filters (`active_resources`), so it is the number of processes the runner
 will start. `--no-ssh --node-rank I` starts only host I's ranks (run once per host, e.g. one srun
@@ -56,6 +58,8 @@ class LaunchSettings(LaunchConfig):
 
     no_ssh: bool = False
     node_rank: Optional[int] = None
+    missing_hostfile: Optional[str] = None
+    """The hostfile named but not there: this host alone is used instead (NeoX, DeepSpeed)."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -88,6 +92,8 @@ def settings_from(launch, args: argparse.Namespace) -> LaunchSettings:
                        no_ssh=bool(getattr(args, "no_ssh", False)), node_rank=getattr(args, "node_rank", None))
     if s.hostfile is None and os.path.isfile(DLTS_HOSTFILE):
         s.hostfile = DLTS_HOSTFILE  # the runner's default; named on the command so that both agree
+    if s.hostfile and not os.path.exists(s.hostfile) and not s.no_ssh:
+        s.missing_hostfile, s.hostfile = s.hostfile, None
     return s
 
 
@@ -225,8 +231,10 @@ def check_layout(cfg, world: int) -> None:
         raise LaunchError(f"{e} (the launch starts {world} processes)", e.key) from None
 
 
-def runner_command(s: LaunchSettings, configs: List[str], overrides: List[str]) -> List[str]:
-    """DeepSpeed runner's argv for these settings, running `neox-sophia train CONFIG... --set ...`."""
+def runner_command(s: LaunchSettings, configs: List[str], overrides: List[str],
+                   override_files: List[str] = ()) -> List[str]:
+    """DeepSpeed runner's argv for these settings, running
+    `neox-sophia train CONFIG... --override FILE... --set ...`."""
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner"]
     options = [("--num_gpus", s.num_gpus), ("--num_nodes", s.num_nodes if s.num_nodes != -1 else None),
                ("--hostfile", s.hostfile), ("--include", s.include), ("--exclude", s.exclude),
@@ -247,6 +255,8 @@ def runner_command(s: LaunchSettings, configs: List[str], overrides: List[str]) 
     else:
         cmd += ["--module", "neox_sophia.cli"]
     cmd += ["train", *configs]
+    for path in override_files:
+        cmd += ["--override", path]
     for override in overrides:
         cmd += ["--set", override]
     return cmd
@@ -264,22 +274,30 @@ def train_script() -> str:
     return os.path.abspath(script)
 
 
-def plan(cfg, args: argparse.Namespace) -> List[str]:
-    """The checked command for this config and these flags (raises LaunchError / ConfigError)."""
+def plan(cfg, args: argparse.Namespace, notes: Optional[List[str]] = None) -> List[str]:
+    """The checked command for this config and these flags (raises LaunchError / ConfigError);
+    what it decided on its own (a missing hostfile) is appended to ``notes``."""
     s = settings_from(cfg.launch, args)
     active = active_resources(s)
-    check_layout(cfg, sum(len(slots) for slots in active.values()))
+    world = sum(len(slots) for slots in active.values())
+    check_layout(cfg, world)
     if s.no_ssh and not s.master_addr:  # the runner would ask the first host over ssh
         s.master_addr = next(iter(active))
-    return runner_command(s, args.configs, args.overrides)
+    if s.missing_hostfile and notes is not None:
+        notes.append(f"hostfile: {s.missing_hostfile} does not exist: starting {world} rank(s) on this host "
+                     f"only, as NeoX and DeepSpeed's runner do")
+    return runner_command(s, args.configs, args.overrides, getattr(args, "override_files", []))
 
 
 def run(cfg, args: argparse.Namespace) -> int:
+    notes: List[str] = []
     try:
-        cmd = plan(cfg, args)
+        cmd = plan(cfg, args, notes)
     except ConfigError as e:
         print(f"neox-sophia launch: {e}", file=sys.stderr)
         return 2
+    for note in notes:
+        print(f"neox-sophia launch: {note}", file=sys.stderr)
     print("neox-sophia launch: " + shlex.join(cmd), file=sys.stderr, flush=True)
     if getattr(args, "dry_run", False):
         return 0

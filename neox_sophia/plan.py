@@ -60,12 +60,16 @@ def count_blocks(cfg: ModelConfig, padded_vocab_size: int, tp_size: int) -> List
 
 def model_flops_per_token(cfg: ModelConfig, padded_vocab_size: int) -> int:
     """Training FLOPs per token (forward + backward, no recomputation), the PaLM / Megatron MFU
-    convention: 6 per weight that multiplies an activation (per layer the QKV and output
-    projections, 4h^2, and the MLP, 2 h ffn; the output layer, V h, tied or not; the input
-    embedding is a lookup) plus 12 x layers x hidden x seq for the attention scores and their
-    use. Sophia's Hessian steps are extra work, not counted: MFU counts useful training FLOPs."""
+    convention: 6 per weight that multiplies an activation (per layer the query and output
+    projections, 2h^2, the key and value projections, 2 h kv_heads head_dim, and the MLP, 2 h ffn,
+    or 3 h ffn when gated; the output layer, V h, tied or not; the input embedding is a lookup)
+    plus 12 x layers x hidden x seq for the attention scores and their use (a sliding window's
+    savings are not counted). Sophia's Hessian steps are extra work, not counted: MFU counts useful
+    training FLOPs."""
     h, layers = cfg.hidden_size, cfg.num_layers
-    matmul = layers * (4 * h * h + 2 * h * cfg.ffn_hidden_size) + padded_vocab_size * h
+    attention = 2 * h * h + 2 * h * cfg.kv_heads * cfg.head_dim
+    mlp = (3 if cfg.gated else 2) * h * cfg.ffn_hidden_size
+    matmul = layers * (attention + mlp) + padded_vocab_size * h
     return 6 * matmul + 12 * layers * h * cfg.seq_length
 
 

@@ -11,7 +11,8 @@ import torch
 from neox_sophia.config import ConfigError, IgnoredKeysWarning, load_config
 from neox_sophia.config.keys import EXTENSIONS, IGNORABLE, NEOX_DEFAULTS
 from neox_sophia.config.neox import KEY_SECTION
-from neox_sophia.optim.factory import build_optimizer, parse_optimizer_block, weight_decay_groups
+from neox_sophia.optim.factory import AdamWParams, SophiaParams, build_optimizer, parse_optimizer_block
+from neox_sophia.optim.groups import ROLES, role_groups, role_of
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -54,7 +55,7 @@ def test_files_merge_and_dashes_equal_underscores(write):
     opt = write("opt.yml", SOPHIA.replace('"min_lr"', '"min-lr"'))
     cfg = load(model, opt)
     assert cfg.model.seq_length == 32 and cfg.training.min_lr == 3e-5
-    assert cfg.optimizer.type == "sophia" and cfg.optimizer.params["rho"] == 0.05
+    assert cfg.optimizer.type == "sophia" and cfg.optimizer.params.rho == 0.05
     assert cfg.origins["seq_length"] == model and cfg.origins["min_lr"] == opt
     # nested keys keep their spelling (NeoX normalizes only the top level)
     assert "min_lr" in cfg.values and "seq-length" not in cfg.values
@@ -91,11 +92,11 @@ def test_overrides_win_reach_nested_blocks_and_parse_yaml(write):
     cfg = load(model, opt, overrides=["seq-length=16", "optimizer.params.lr=7.0e-4",
                                       "optimizer.params.betas=[0.9, 0.95]", "train_iters=100"])
     assert cfg.model.seq_length == 16 and cfg.training.train_iters == 100
-    assert cfg.optimizer.params["lr"] == 7e-4 and cfg.optimizer.params["betas"] == [0.9, 0.95]
-    assert cfg.optimizer.params["rho"] == 0.05  # the rest of the block is kept
+    assert cfg.optimizer.params.lr == 7e-4 and cfg.optimizer.params.betas == [0.9, 0.95]
+    assert cfg.optimizer.params.rho == 0.05  # the rest of the block is kept
     assert cfg.origins["seq_length"] == "--set seq-length=16"
     # YAML 1.1 reads 6e-4 (no dot) as a string; a float key takes the number it spells
-    assert load(model, opt, overrides=["optimizer.params.lr=6e-4"]).optimizer.params["lr"] == 6e-4
+    assert load(model, opt, overrides=["optimizer.params.lr=6e-4"]).optimizer.params.lr == 6e-4
     assert "KEY=VALUE" in error_of(model, opt, overrides=["train_iters"])
     assert "not a mapping" in error_of(model, opt, overrides=["seq_length.x=1"])
 
@@ -109,9 +110,9 @@ def test_unknown_key_suggests_the_closest(write):
 
 
 def test_unimplemented_neox_setting_is_an_error_but_its_default_is_accepted(write):
-    a = write("a.yml", MODEL[:-1] + ', "sequence_parallel": true, "num_kv_heads": 2}')
+    a = write("a.yml", MODEL[:-1] + ', "sequence_parallel": true, "use_qk_layernorm": true}')
     message = error_of(a)
-    assert "sequence_parallel: True is a GPT-NeoX setting" in message and "num_kv_heads" in message
+    assert "sequence_parallel: True is a GPT-NeoX setting" in message and "use_qk_layernorm" in message
     assert a in message
     load(write("b.yml", MODEL[:-1] + ', "sequence_parallel": false, "use_mup": false}'))
 
@@ -135,7 +136,7 @@ def test_every_implemented_key_is_a_neox_key_or_a_listed_extension():
 
 @pytest.mark.parametrize("extra,key", [
     ('"pos_emb": "alibi"', "pos_emb"),
-    ('"norm": "rmsnorm"', "norm"),
+    ('"norm": "scalenorm"', "norm"),
     ('"attention_config": [[["local"], 2]]', "attention_config"),
     ('"attention_config": [[["flash"], 3]]', "attention_config"),
     ('"init_method": "orthogonal"', "init_method"),
@@ -238,9 +239,8 @@ def test_deepspeed_config(write):
                                             '{"communication_data_type": "fp32"}}')).deepspeed_config()
     assert bf16["bf16"] == {"enabled": True} and bf16["zero_optimization"] == {"stage": 0}
     assert bf16["communication_data_type"] == "fp32"
-    clash = load(write("c.yml", MODEL[:-1] + ', "deepspeed_extra_args": {"gradient_clipping": 2.0}}'))
-    with pytest.raises(ConfigError, match="deepspeed_extra_args.*gradient_clipping"):
-        clash.deepspeed_config()
+    clash = write("c.yml", MODEL[:-1] + ', "deepspeed_extra_args": {"gradient_clipping": 2.0}}')
+    assert "deepspeed_extra_args: 'gradient_clipping' bypasses" in error_of(clash)  # refused at load
     assert load(write("d.yml", MODEL)).engine.resolved_precision == "fp32"
 
 
@@ -304,12 +304,13 @@ def test_annealing_lr_drives_param_groups(write):
 
 def test_optimizer_block_defaults_aliases_and_errors():
     name, params = parse_optimizer_block({"type": "Sophia", "params": {"lr": 2e-4, "hessian_interval": 5}})
-    assert name == "sophia"
-    assert params == {"lr": 2e-4, "betas": [0.965, 0.99], "rho": 0.04, "eps": 1e-15,
-                      "hessian_interval": 5, "estimator": "gnb", "hessian_batch_size": None, "bs": None,
-                      "fused": None}
+    assert name == "sophia" and isinstance(params, SophiaParams)
+    assert params == SophiaParams(lr=2e-4, hessian_interval=5)
+    assert (params.betas, params.rho, params.eps, params.estimator, params.bs) == ([0.965, 0.99], 0.04, 1e-15, "gnb", None)
+    assert not params.hessian_bias_correction and params.hessian_floor == 0.0 and params.adamw_groups == []
     assert parse_optimizer_block({"type": "Adam", "params": {"lr": 6e-4}})[0] == "adamw"
-    assert parse_optimizer_block(None) == ("adamw", {"lr": 1e-3, "betas": [0.9, 0.999], "eps": 1e-8})
+    assert parse_optimizer_block(None) == ("adamw", AdamWParams(lr=1e-3, betas=[0.9, 0.999], eps=1e-8))
+    assert parse_optimizer_block({"type": "sophia", "params": {"lr": "6e-4"}})[1].lr == 6e-4  # YAML 1.1 strings
     cases = [
         ({"type": "sopia", "params": {}}, "did you mean 'sophia'"),
         ({"type": "sophia", "params": {"rhoo": 0.1}}, "did you mean 'rho'"),
@@ -319,6 +320,10 @@ def test_optimizer_block_defaults_aliases_and_errors():
         ({"type": "sophia", "params": {"lr": -1.0}}, "lr"),
         ({"type": "sophia", "params": {"betas": [0.9]}}, "betas"),
         ({"type": "sophia", "params": {"rho": 0}}, "rho"),
+        ({"type": "sophia", "params": {"rho": "fast"}}, "optimizer.params.rho: expected float"),
+        ({"type": "sophia", "params": {"hessian_floor": -0.1}}, "hessian_floor"),
+        ({"type": "sophia", "params": {"adamw_groups": ["embeddings"]}}, "adamw_groups"),
+        ({"type": "sophia", "params": {"adamw_betas": [0.9, 1.0]}}, "adamw_betas"),
         ({"type": "sophia", "param": {}}, "unexpected entries"),
     ]
     for block, text in cases:
@@ -326,23 +331,40 @@ def test_optimizer_block_defaults_aliases_and_errors():
             parse_optimizer_block(block)
 
 
-def test_build_optimizer_and_weight_decay_groups():
+def test_role_groups_and_build_optimizer():
     from neox_sophia.optim import Sophia
 
-    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 2))
-    groups = weight_decay_groups(model, 0.2)
-    decayed = {id(p) for p in groups[0]["params"]}
-    assert decayed == {id(model[0].weight), id(model[2].weight)}
-    assert groups[1]["weight_decay"] == 0.0 and len(groups[1]["params"]) == 4  # 2 biases + norm w, b
+    names = ["embed_in.weight", "layers.0.input_layernorm.weight", "layers.0.input_layernorm.bias",
+             "layers.0.attention.query_key_value.weight", "layers.0.attention.query_key_value.bias",
+             "layers.0.attention.dense.weight", "layers.0.mlp.dense_h_to_4h.weight", "layers.0.mlp.dense_4h_to_h.bias",
+             "final_layer_norm.weight", "embed_out.weight"]
+    roles = ["embedding", "norms_biases", "norms_biases", "attention", "norms_biases", "attention", "mlp",
+             "norms_biases", "norms_biases", "output"]
+    assert [role_of(n) for n in names] == roles
+    with pytest.raises(ValueError, match="no role"):
+        role_of("0.weight")
+    params = {n: torch.nn.Parameter(torch.zeros(2)) for n in names}
+    groups = role_groups(params.items(), 0.2)
+    assert [g["name"] for g in groups] == list(ROLES)
+    assert {g["name"]: g["weight_decay"] for g in groups} == {"embedding": 0.2, "output": 0.2, "attention": 0.2,
+                                                              "mlp": 0.2, "norms_biases": 0.0}
+    assert [id(p) for p in groups[2]["params"]] == [id(params[names[3]]), id(params[names[5]])]
+    assert role_groups(params.items(), 0.2, embedding_weight_decay=False)[0]["weight_decay"] == 0.0
     opt = build_optimizer({"type": "sophia", "params": {"lr": 1e-3, "rho": 0.05}}, groups, bs=4096)
     assert isinstance(opt, Sophia)
     assert opt.param_groups[0]["bs"] == 4096 and opt.param_groups[0]["weight_decay"] == 0.2
-    assert opt.param_groups[1]["weight_decay"] == 0.0 and opt.param_groups[0]["rho"] == 0.05
+    assert opt.param_groups[-1]["weight_decay"] == 0.0 and opt.param_groups[0]["rho"] == 0.05
     with pytest.raises(ConfigError, match="bs"):
-        build_optimizer({"type": "sophia", "params": {}}, weight_decay_groups(model, 0.1))
-    adamw = build_optimizer({"type": "adam", "params": {"lr": 1e-3, "betas": [0.9, 0.95]}},
-                            weight_decay_groups(model, 0.1))
+        build_optimizer({"type": "sophia", "params": {}}, role_groups(params.items(), 0.1))
+    adamw = build_optimizer({"type": "adam", "params": {"lr": 1e-3, "betas": [0.9, 0.95]}}, role_groups(params.items(), 0.1))
     assert isinstance(adamw, torch.optim.AdamW) and adamw.param_groups[0]["betas"] == (0.9, 0.95)
+    # a split optimizer: AdamW on the named roles, at its own peak lr through lr_scale
+    split = parse_optimizer_block({"type": "sophia", "params": {"lr": 1e-3, "adamw_groups": ["embedding", "norms_biases"],
+                                                                "adamw_lr": 4e-3}})[1]
+    opt = split.build(role_groups(params.items(), 0.1, overrides=split.group_overrides()), 4096)
+    rules = {g["name"]: (g["update"], g["lr_scale"], g["betas"]) for g in opt.param_groups}
+    assert rules["embedding"] == ("adamw", 4.0, (0.9, 0.95)) and rules["norms_biases"][0] == "adamw"
+    assert rules["attention"] == ("sophia", 1.0, (0.965, 0.99))
 
 
 # --- upstream NeoX configs and ours --------------------------------------------------------------

@@ -261,10 +261,14 @@ def test_truncated_safetensors_is_refused(exported):
         from_hf(out, cfg, PADDED)
 
 
-@pytest.mark.parametrize("key,value", [("pos_emb", "learned"), ("norm", "rmsnorm"), ("gpt_j_tied", True),
-                                       ("activation", "swiglu")])
-def test_settings_hugging_face_cannot_express_are_refused(key, value):
-    with pytest.raises(ValueError, match=f"^{key}: .*cannot be expressed"):
+@pytest.mark.parametrize("key,value,refused", [
+    ("pos_emb", "learned", "pos_emb"), ("gpt_j_tied", True, "gpt_j_tied"), ("num_kv_heads", 2, "num_kv_heads"),
+    ("use_bias_in_mlp", False, "use_bias_in_mlp"),
+    ("norm", "rmsnorm", "activation"),  # RMSNorm is LLaMA's, whose MLP is gated
+    ("activation", "swiglu", "norm"),  # a gated MLP is LLaMA's, whose norm is RMSNorm
+])
+def test_settings_hugging_face_cannot_express_are_refused(key, value, refused):
+    with pytest.raises(ValueError, match=f"^{refused}: .*cannot be expressed"):
         hf_config(tiny_config(**{key: value}), PADDED)
 
 

@@ -212,10 +212,22 @@ def test_summarize_reports_layout_shapes_and_sophia_state(trained, tmp_path):
     assert summary["hessian"]["quantiles"]["0.5"] == pytest.approx(float(torch.quantile(h, 0.5)), rel=1e-6)
     # Sophia's clip fraction as SophiaStatistics defines it: |m| >= rho*bs*h, bs = the Hessian batch's tokens
     cfg = config_from_values(dict(ckpt.config), {})
-    rho, bs = cfg.optimizer.params["rho"], cfg.hessian_tokens(2)
+    rho, bs = cfg.optimizer.params.rho, cfg.hessian_tokens(2)
     assert summary["sophia"]["bs"] == bs == 64 and summary["sophia"]["rho"] == rho
     clipped = float((m.abs() >= rho * bs * h).double().mean())
     assert summary["sophia"]["clip_frac"] == pytest.approx(clipped) and 0 < clipped < 1
+    # per parameter role: the same definitions over each role's parameters
+    from neox_sophia.optim.groups import role_of
+
+    for role, figures in summary["groups"].items():
+        names = [n for n in ckpt.optimizer if role_of(n) == role]
+        hr = torch.cat([ckpt.optimizer[n]["hessian"].reshape(-1) for n in names])
+        mr = torch.cat([ckpt.optimizer[n]["exp_avg"].reshape(-1) for n in names])
+        assert figures["numel"] == hr.numel()
+        assert figures["hessian_zero_frac"] == pytest.approx(float((hr == 0).double().mean()))
+        assert figures["hessian_mean"] == pytest.approx(float(hr.double().mean()), rel=1e-9)
+        assert figures["win_rate"] == pytest.approx(float((mr.abs() < rho * bs * hr).double().mean()))
+    assert set(summary["groups"]) == {"embedding", "output", "attention", "mlp", "norms_biases"}
     text = render(summary)
     assert "clip_frac" in text and "embed_in.weight" in text and "dp 2" in text
 

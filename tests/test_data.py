@@ -3,14 +3,18 @@ datasets and the layout-invariant batch order. Tokenizers are trained here, offl
 standard-library modules (as in test_tokenizers.py)."""
 import argparse
 import difflib
+import gzip
+import hashlib
 import inspect
 import io
 import json
 import os
 import string
+import subprocess
 import textwrap
 from pathlib import Path
 
+import numpy
 import pytest
 import sentencepiece
 import torch
@@ -18,7 +22,7 @@ import zstandard
 from tokenizers import ByteLevelBPETokenizer
 
 from neox_sophia.config.sections import DataConfig
-from neox_sophia.data import corpus, preprocess
+from neox_sophia.data import corpus, preprocess, progress, sources
 from neox_sophia.data.datasets import (DataError, batch_for, build_datasets, read_index,
                                        sample_indices)
 from neox_sophia.data.tokenizers import build_tokenizer
@@ -188,6 +192,104 @@ def test_bad_input_is_one_line_naming_the_file(files, tmp_path, capsys, case):
     assert not [p for p in os.listdir(tmp_path) if p.startswith("o_")]  # nothing half-written
 
 
+def _cli(*argv):
+    parser = argparse.ArgumentParser()
+    preprocess.add_arguments(parser)
+    return preprocess.run(parser.parse_args([str(a) for a in argv]))
+
+
+def test_neox_readme_command_line_works_and_says_mmap_is_a_no_op(files, tmp_path, capsys):
+    """The command of GPT-NeoX's README, argument for argument (--vocab is argparse's prefix of
+    --vocab-file there too), plus --num-docs and --log-interval."""
+    code = _cli("--input", files["b"], "--output-prefix", tmp_path / "mydataset", "--vocab", files["vocab.json"],
+                "--merge-file", files["merges.txt"], "--dataset-impl", "mmap", "--tokenizer-type", "GPT2BPETokenizer",
+                "--append-eod", "--num-docs", "80", "--log-interval", "20")
+    err = capsys.readouterr().err.splitlines()
+    assert code == 0
+    assert [line for line in err if "--dataset-impl" in line] == [
+        "neox-sophia preprocess: --dataset-impl mmap: accepted, changes nothing (mmap is the only format written)"]
+    tok = build_tokenizer("GPT2BPETokenizer", files["vocab.json"], files["merges.txt"])
+    expected = [tok.encode(d) + [tok.eod_id] for d in files["docs"][120:] if d]
+    assert _read_documents(tmp_path / "mydataset_text_document")[1] == expected
+
+
+def test_other_dataset_impls_are_refused_in_one_line(files, tmp_path, capsys):
+    code = _cli("--input", files["a"], "--output-prefix", tmp_path / "x", "--tokenizer-type", "HFTokenizer",
+                "--vocab-file", files["tokenizer"], "--dataset-impl", "cached")
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "--dataset-impl cached" in err and "use mmap" in err
+
+
+def test_ftfy_repairs_text_before_tokenizing(files, tmp_path):
+    ftfy = pytest.importorskip("ftfy")
+    broken = ["The cafÃ© is naÃ¯ve", "plain text", "â€œquotedâ€\x9d"]
+    path = _write_jsonl(tmp_path / "m.jsonl", broken)
+    tok = build_tokenizer("HFTokenizer", files["tokenizer"])
+    assert _cli("--input", path, "--output-prefix", tmp_path / "f", "--tokenizer-type", "HFTokenizer",
+                "--vocab-file", files["tokenizer"], "--ftfy", "--workers", "2") == 0
+    fixed = [ftfy.fix_text(t) for t in broken]
+    assert fixed[0] == "The café is naïve"
+    assert _read_documents(tmp_path / "f_text_document")[1] == [tok.encode(t) for t in fixed]
+
+
+def test_ftfy_not_installed_is_one_line(files, tmp_path, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "ftfy", None)  # as if not installed
+    code = _cli("--input", files["a"], "--output-prefix", tmp_path / "f", "--tokenizer-type", "HFTokenizer",
+                "--vocab-file", files["tokenizer"], "--ftfy")
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err == ("neox-sophia preprocess: error: --ftfy needs the ftfy package, which is not "
+                                 "installed: pip install ftfy")
+
+
+def test_char_level_preprocess_writes_utf8_bytes(files, tmp_path):
+    assert _cli("--input", files["a"], "--output-prefix", tmp_path / "c", "--tokenizer-type",
+                "CharLevelTokenizer", "--append-eod") == 0
+    dataset, docs = _read_documents(tmp_path / "c_text_document")
+    assert docs == [list(d.encode("utf-8")) + [0] for d in files["docs"][:120] if d]
+    assert dataset.index.dtype == numpy.uint16  # vocabulary 512
+
+
+class _Clock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_bar_on_a_terminal_and_lines_in_a_log(monkeypatch):
+    clock = _Clock()
+    monkeypatch.setattr(progress.time, "perf_counter", clock)
+    terminal = _Terminal()
+    bar = progress.Progress(terminal, interval=10, total=200)
+    summary = preprocess.Summary(documents=50, tokens=5000)
+    clock.now += 0.1
+    bar.update(summary)
+    assert terminal.getvalue() == ""  # nothing before 0.25 s: a short run shows no bar
+    clock.now += 0.4  # 0.5 s in: 100 documents/s, 10,000 tokens/s
+    bar.update(summary)
+    shown = terminal.getvalue()
+    assert shown.startswith("\rpreprocess: [" + "#" * 7 + "-" * 23 + "]  25% 50/200 documents, 5,000 tokens")
+    assert "(100 docs/s, 10,000 tokens/s, 2 s left)" in shown
+    bar.close()
+    assert terminal.getvalue().endswith("\n")
+    log = io.StringIO()
+    lines = progress.Progress(log, interval=10)
+    for documents in (5, 12, 19, 31):
+        clock.now += 1.0
+        lines.update(preprocess.Summary(documents=documents, tokens=documents * 10))
+    assert [line.split(" (")[0] for line in log.getvalue().splitlines()] == [
+        "preprocess: 12 documents, 120 tokens", "preprocess: 31 documents, 310 tokens"]
+    assert "docs/s" in log.getvalue() and "tokens/s" in log.getvalue()
+
+
 # --- the built-in corpus -----------------------------------------------------------------------
 
 
@@ -229,6 +331,100 @@ def test_corpus_interrupted_before_its_manifest_is_not_complete(tmp_path, monkey
     out = capsys.readouterr().out
     assert f"data_path: {paths.data_prefix}" in out and f"vocab_file: {paths.tokenizer}" in out
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp")]
+
+
+# --- the GCIDE corpus (a dictd file made here: no network) ------------------------------------
+
+GCIDE_HEADER = """
+00-database-url
+   ftp://ftp.gnu.org/gnu/gcide
+
+00-database-info
+   This file was converted from the original database.
+
+The original data was distributed with the notice shown below.
+GCIDE is free software; you can redistribute it.
+      A dictionary requires too many hands.     --Locke.
+"""
+GCIDE_ENTRIES = [
+    # the first entry follows the header's indented line directly, as in the real file
+    '0 \\0\\ adj.\n   1. indicating the absence of any units.\n\n   Syn: zero\n        [WordNet 1.5 +PJC]\n',
+    # a headword line that wraps to column 0 continues the entry
+    'Aaronic \\Aa*ron"ic\\, Aaronical\n\\Aa*ron"ic*al\\, a.\n   Pertaining to Aaron.\n   [1913 Webster]\n',
+    'Abacus \\Ab"a*cus\\, n.; pl. E. {Abacuses}.\n   1. A table or tray strewn with sand.\n\n'
+    '   2. A calculating table.\n      [1913 Webster]\n',
+    "Caf\u00e9 \\Caf\u00e9\\, n.\n   The stock market\u2019s drop was far.\n   [PJC]\n",  # the cp1252 byte
+]
+
+
+def _gcide_file(path, entries=GCIDE_ENTRIES, compress=True):
+    text = GCIDE_HEADER.lstrip("\n") + "\n".join(entries)
+    data = text.replace("\u2019", "\x00").encode("utf-8").replace(b"\x00", b"\x92")  # one stray cp1252 byte
+    Path(path).write_bytes(gzip.compress(data, mtime=0) if compress else data)
+    return str(path)
+
+
+def test_gcide_parser_one_document_per_entry(tmp_path):
+    data = sources.read_dictd(_gcide_file(tmp_path / "g.dict.dz"))
+    assert b"\x92" in data  # not UTF-8 as a whole: read line by line
+    entries = list(sources.gcide_entries(sources.decode_dictd(data)))
+    assert [e["text"] for e in entries] == GCIDE_ENTRIES  # header skipped, wrapped headword kept
+    assert [e["headword"] for e in entries] == ["0", "Aaronic", "Abacus", "Caf\u00e9"]
+    plain = sources.read_dictd(_gcide_file(tmp_path / "g.dict", compress=False))
+    assert plain == data
+
+
+def test_gcide_corpus_from_source_file(tmp_path, capsys, monkeypatch):
+    entries = GCIDE_ENTRIES * 40  # enough text for a 300-id tokenizer
+    source = _gcide_file(tmp_path / "gcide.dict.dz", entries)
+    parser = argparse.ArgumentParser()
+    corpus.add_arguments(parser)
+    args = ["--source", "gcide", "--source-file", source, "--output-dir", str(tmp_path / "out"),
+            "--vocab-size", "300"]
+    assert corpus.run(parser.parse_args(args)) == 0
+    paths = corpus.corpus_paths(tmp_path / "out", "gcide")
+    assert f"data_path: {paths.data_prefix}" in capsys.readouterr().out
+    docs = [json.loads(line) for line in Path(paths.jsonl).read_text().splitlines()]
+    assert [d["text"] for d in docs] == entries
+    manifest = corpus.read_manifest(tmp_path / "out")
+    assert manifest["corpus"] == "gcide" and manifest["recipe"]["vocab_size"] == 300
+    assert manifest["source"]["sha256"] == hashlib.sha256(sources.read_dictd(source)).hexdigest()
+    tok = build_tokenizer("HFTokenizer", paths.tokenizer)
+    stored = _read_documents(paths.data_prefix)[1]
+    assert len(stored) == len(entries) and tok.decode(stored[3]) == entries[3] + EOD
+    # a cap takes whole entries in file order; a rerun of the same recipe does nothing
+    capped = corpus.prepare_corpus(tmp_path / "capped", "gcide", max_bytes=300, vocab_size=280,
+                                   source_file=source, log=None)
+    assert [json.loads(line)["text"] for line in Path(capped.jsonl).read_text().splitlines()] == entries[:2]
+    monkeypatch.setattr(corpus, "_build", lambda *a: pytest.fail("rebuilt a complete corpus"))
+    assert corpus.run(parser.parse_args(args)) == 0
+
+
+@pytest.mark.parametrize("case", ["no_apt", "download_fails", "not_dictd", "not_gzip"])
+def test_gcide_bad_source_is_one_line_naming_the_fix(tmp_path, capsys, monkeypatch, case):
+    args = ["--source", "gcide", "--output-dir", str(tmp_path / "out")]
+    if case == "no_apt":
+        monkeypatch.setattr(sources.shutil, "which", lambda tool: None if tool == "apt-get" else "/bin/" + tool)
+    elif case == "download_fails":
+        monkeypatch.setattr(sources.shutil, "which", lambda tool: "/usr/bin/" + tool)
+        monkeypatch.setattr(sources.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(
+            a[0], 100, "", "E: Unable to locate package dict-gcide\n"))
+    elif case == "not_dictd":
+        (tmp_path / "x.txt").write_text("just some text\nwithout entries\n")
+        args += ["--source-file", str(tmp_path / "x.txt")]
+    else:
+        (tmp_path / "x.dz").write_bytes(b"\x1f\x8b" + b"not gzip at all" * 4)
+        args += ["--source-file", str(tmp_path / "x.dz")]
+    parser = argparse.ArgumentParser()
+    corpus.add_arguments(parser)
+    assert corpus.run(parser.parse_args(args)) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    expected = {"no_apt": "apt-get not found", "download_fails": "Unable to locate package dict-gcide",
+                "not_dictd": "no dictionary entries", "not_gzip": "not a valid gzip"}[case]
+    assert expected in err and ("--source-file" in err), err
+    assert not (tmp_path / "out" / "corpus.json").exists()
+    assert not [p for p in os.listdir(tmp_path / "out") if p.startswith(".tmp")]
 
 
 # --- datasets ----------------------------------------------------------------------------------

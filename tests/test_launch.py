@@ -69,13 +69,15 @@ def config(*sets):
     return load_config([QUICKSTART], list(sets), warn=False)
 
 
-def test_runner_command_flags_win_over_config_keys():
-    cfg = config("hostfile=/etc/hosts.cfg", "num_gpus=4", "launcher=mpich", "no_ssh_check=true")
-    cmd = runner_command(settings_from(cfg.launch, args(num_gpus=8)), ["a.yml"], ["train_iters=5"])
+def test_runner_command_flags_win_over_config_keys(tmp_path):
+    hosts = tmp_path / "hosts.cfg"
+    hosts.write_text("node-a slots=8\n")
+    cfg = config(f"hostfile={hosts}", "num_gpus=4", "launcher=mpich", "no_ssh_check=true")
+    cmd = runner_command(settings_from(cfg.launch, args(num_gpus=8)), ["a.yml"], ["train_iters=5"], ["s.yml"])
     assert cmd[:3] == [sys.executable, "-m", "deepspeed.launcher.runner"]
-    assert cmd[3:] == ["--num_gpus", "8", "--hostfile", "/etc/hosts.cfg", "--master_port", "29500",
+    assert cmd[3:] == ["--num_gpus", "8", "--hostfile", str(hosts), "--master_port", "29500",
                        "--launcher", "mpich", "--no_ssh_check", "--no_local_rank", "--module", "neox_sophia.cli",
-                       "train", "a.yml", "--set", "train_iters=5"]
+                       "train", "a.yml", "--override", "s.yml", "--set", "train_iters=5"]
     local = runner_command(settings_from(config().launch, args(num_gpus=2, launcher="openmpi")), ["a.yml"], [])
     assert "--launcher" not in local  # one node: no multi-node launcher
 
@@ -134,7 +136,7 @@ HOSTS = "node-a slots=4\nnode-b slots=4\n"
 
 
 @pytest.mark.parametrize("hostfile, flags, sets, says", [
-    (None, dict(hostfile="/nonexistent/hosts"), [], ["hostfile: cannot read /nonexistent/hosts"]),
+    (None, dict(hostfile="/"), [], ["hostfile: cannot read / (Is a directory)"]),
     ("# ok\nnode-a slots=4\nnode-b 4\n", {}, [], ["hostfile: HOSTFILE line 3: 'node-b 4' is not 'host slots=N'"]),
     ("node-a slots=4\nnode-a slots=2\n", {}, [], ["HOSTFILE line 2: host 'node-a' is already on line 1"]),
     ("node-a slots=0\n", {}, [], ["HOSTFILE line 1: 'node-a' has slots=0"]),
@@ -243,9 +245,31 @@ def test_dry_run_prints_the_exact_command_and_starts_nothing(tmp_path, capsys, n
 def test_a_refused_launch_says_one_line_and_starts_nothing(tmp_path, capsys, nothing_starts):
     from neox_sophia.cli import main
 
-    assert main(["launch", "--hostfile", str(tmp_path / "missing"), QUICKSTART]) == 2
+    assert main(["launch", "--hostfile", str(tmp_path), QUICKSTART]) == 2
     lines = launch_lines(capsys.readouterr().err)
-    assert len(lines) == 1 and f"hostfile: cannot read {tmp_path / 'missing'}" in lines[0]
+    assert len(lines) == 1 and f"hostfile: cannot read {tmp_path} (Is a directory)" in lines[0]
+
+
+UPSTREAM = os.path.join(ROOT, "tests", "fixtures", "upstream")
+
+
+def test_a_missing_hostfile_means_this_host_as_in_neox(capsys):
+    """NeoX's flagship 125M.yml names `hostfile: /mock_path`; NeoX and DeepSpeed's runner then use
+    the local GPUs. Config names without .yml under a config folder (deepy.py's -d) and an
+    override file reach the ranks' train command as paths."""
+    from neox_sophia.cli import main
+
+    sophia = os.path.join(ROOT, "configs", "sophia.yml")
+    assert main(["launch", "--dry-run", "--num-gpus", "2", "-d", os.path.join(UPSTREAM, "gpt-neox"), "125M",
+                 "local_setup", "--override", sophia]) == 0
+    lines = launch_lines(capsys.readouterr().err)
+    assert lines[0] == ("neox-sophia launch: hostfile: /mock_path does not exist: starting 2 rank(s) on this "
+                        "host only, as NeoX and DeepSpeed's runner do")
+    cmd = shlex.split(lines[1].removeprefix("neox-sophia launch: "))
+    assert "--hostfile" not in cmd and cmd[cmd.index("--num_gpus") + 1] == "2"
+    assert cmd[cmd.index("train") + 1:] == [os.path.join(UPSTREAM, "gpt-neox", "125M.yml"),
+                                            os.path.join(UPSTREAM, "gpt-neox", "local_setup.yml"),
+                                            "--override", sophia]
 
 
 RUNNER = """

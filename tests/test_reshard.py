@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from tests.distributed import run_ranks
-from tests.test_layouts import COMMON
+from tests.test_layouts import COMMON, OPTIONS
 from tests.test_training import QUICKSTART, cli, corpus, overrides  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.distributed
@@ -38,7 +38,9 @@ def resume_worker(rank, world_size, sets):
     run = setup(load_config([QUICKSTART], sets, warn=False))
     start, nonfinite = _resume(run)
     loaded = None if start == 0 else {"weights": full_state_dict(run.engine.module),
-                                      "state": optimizer_state_by_name(run.engine, run.optimizer)}
+                                      "state": optimizer_state_by_name(run.engine, run.optimizer),
+                                      "groups": [{k: g.get(k) for k in ("name", "hessian_updates", "hessian_floor")}
+                                                 for g in run.optimizer.param_groups]}
     result = train_loop(run, start, nonfinite)
     return {"start": start, "loss": result.train_loss, "loaded": loaded}
 
@@ -77,8 +79,8 @@ def test_resume_at_another_layout(corpus, sources, tmp_path, source, target):  #
     assert set(weights) == set(universal.weights)
     for name, w in universal.weights.items():
         assert torch.equal(weights[name], w), name
-        for key in ("exp_avg", "hessian"):
-            assert torch.equal(state[name][key], universal.optimizer[name][key]), f"{name}.{key}"
+        for key, value in universal.optimizer[name].items():
+            assert torch.equal(state[name][key], value), f"{name}.{key}"
     assert any(float(s["hessian"].abs().max()) > 0 for s in universal.optimizer.values())
     reference = sources["one"][0]["loss"]
     for step in range(5, 9):
@@ -91,3 +93,28 @@ def test_a_deepspeed_checkpoint_at_another_layout_is_refused_with_the_fix(corpus
     done = cli(["train", QUICKSTART] + [a for s in sets for a in ("--set", s)])
     assert done.returncode == 2
     assert "model_parallel_size 2 -> 1" in done.stderr and "neox-sophia convert consolidate" in done.stderr
+
+
+def test_options_beyond_the_paper_reshard(corpus, tmp_path):  # noqa: F811
+    """A split optimizer (AdamW state on some roles, Sophia's on the others) with bias correction
+    and a floor: DP 2 (ZeRO-1) -> universal -> one process continues like the uninterrupted run,
+    the refresh count (bias correction) and the floors included."""
+    from neox_sophia.convert.reader import read_checkpoint
+    from neox_sophia.convert.universal import load_universal, save_universal
+
+    reference = run_ranks(resume_worker, 1, args=(settings(corpus, str(tmp_path / "ref"), "one", **OPTIONS),))[0]
+    source = str(tmp_path / "src")
+    run_ranks(resume_worker, 2, args=(settings(corpus, source, "dp2-zero1", **OPTIONS),))
+    universal = os.path.join(source, "universal4")
+    save_universal(universal, read_checkpoint(os.path.join(source, "ckpt"), step=4))
+    keys = {name: set(entry) for name, entry in load_universal(universal).optimizer.items()}
+    assert keys["embed_in.weight"] == {"exp_avg", "exp_avg_sq"} and keys["layers.0.mlp.dense_h_to_4h.weight"] == {
+        "exp_avg", "hessian"}
+    out = run_ranks(resume_worker, 1, args=(settings(corpus, str(tmp_path / "dst"), "one", load=universal,
+                                                     **OPTIONS),))[0]
+    assert out["start"] == 4
+    groups = {g["name"]: g for g in out["loaded"]["groups"]}
+    assert groups["mlp"]["hessian_updates"] == 2 and groups["mlp"]["hessian_floor"] > 0
+    for step in range(5, 9):
+        assert out["loss"][step] == pytest.approx(reference["loss"][step], rel=1e-5), step
+

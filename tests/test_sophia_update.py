@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from neox_sophia.optim import Sophia, SophiaStatistics
-from neox_sophia.optim import kernels
+from neox_sophia.optim import kernels, reference
 
 SHAPES = [(7, 5), (13,), (3, 4, 6), (300,)]
 
@@ -38,27 +38,30 @@ def sophia_groups(params):
 
 
 class PaperSophia:
-    """The update rule exactly as written in the paper / DESIGN.md, coordinate by coordinate."""
+    """The rule as written in neox_sophia.optim.reference, parameter by parameter; options per
+    group (bias correction, a floor) as Sophia's param groups give them."""
 
-    def __init__(self, params):
+    def __init__(self, params, groups=GROUPS, bias_correction=False):
         self.p = [p.detach().clone() for p in params]
         self.m = [torch.zeros_like(p) for p in self.p]
         self.h = [torch.zeros_like(p) for p in self.p]
-        self.hyper = {i: g for g in GROUPS for i in g["idx"]}
+        self.hyper = {i: g for g in groups for i in g["idx"]}
+        self.refreshes = 0
+        self.bias_correction = bias_correction
+        self.floor = {}
 
     def step(self, grads):
         for i, grad in enumerate(grads):
             c = self.hyper[i]
-            b1 = c["betas"][0]
-            self.p[i] = self.p[i] * (1 - c["lr"] * c["weight_decay"])
-            self.m[i] = b1 * self.m[i] + (1 - b1) * grad
-            ratio = torch.clamp(self.m[i].abs() / (c["rho"] * c["bs"] * self.h[i] + EPS), max=1)
-            self.p[i] = self.p[i] - c["lr"] * torch.sign(self.m[i]) * ratio
+            scale = reference.bias_correction(c["betas"][1], self.refreshes) if self.bias_correction else 1.0
+            self.p[i], self.m[i] = reference.sophia_step(
+                self.p[i], self.m[i], self.h[i], grad, lr=c["lr"], beta1=c["betas"][0], rho=c["rho"], bs=c["bs"],
+                eps=EPS, weight_decay=c["weight_decay"], hessian_scale=scale, hessian_floor=self.floor.get(i, 0.0))
 
     def update_hessian(self, grads):
+        self.refreshes += 1
         for i, grad in enumerate(grads):
-            b2 = self.hyper[i]["betas"][1]
-            self.h[i] = b2 * self.h[i] + (1 - b2) * grad * grad
+            self.h[i] = reference.hessian_refresh(self.h[i], grad * grad, beta2=self.hyper[i]["betas"][1])
 
 
 def drive(opt, params, steps, k=3, on_step=None):
@@ -334,18 +337,23 @@ def test_statistics_are_sum_reducible_and_match_definition():
     stats = opt.statistics()
     h = torch.cat(h_all)
     assert stats.numel == numel
+    assert math.isclose(stats.hessian_zero_frac, (h == 0).double().mean().item())
     assert math.isclose(stats.win_rate, unclipped / numel)
     assert math.isclose(stats.clip_frac + stats.win_rate, 1.0)
     assert math.isclose(stats.hessian_mean, h.mean().item(), rel_tol=1e-9)
     assert math.isclose(stats.hessian_rms, h.square().mean().sqrt().item(), rel_tol=1e-9)
     # Two "ranks" holding half the groups each: summing their sums gives the whole.
     groups = opt.param_groups
+    for i, group in enumerate(groups):
+        group["name"] = f"g{i}"  # unnamed groups are named by their index, which slicing changes
     opt.param_groups = groups[:1]
     first = opt.statistics_sums()
     opt.param_groups = groups[1:]
     second = opt.statistics_sums()
     opt.param_groups = groups
-    assert SophiaStatistics.from_sums(first + second) == stats
+    assert set(first) | set(second) == set(opt.statistics_sums())  # one entry per group
+    total = sum(first.values()) + sum(second.values())
+    assert SophiaStatistics.from_sums(total) == stats
 
 
 def test_bf16_parameters_keep_an_exact_rejected_count_across_load():
@@ -406,3 +414,126 @@ def test_surely_finite_never_vouches_for_a_chunk_that_overflows():
     ordinary = [torch.rand(50) for _ in range(3)]
     assert kernels._surely_finite(ordinary, [torch.randn(50) for _ in ordinary], beta2=0.99, square=True) \
         == [True] * 3
+
+
+# --- options beyond the paper ------------------------------------------------------------------
+
+def drive_against(ref, opt, params, steps, after_refresh=None):
+    """drive() the optimizer and the reference side by side; the weights agree after every step."""
+    all_grads = list(gradient_stream(steps))
+
+    def check(it):
+        grads, hess_grads = all_grads[it]
+        ref.step(grads)
+        if it % 3 == 2:
+            ref.update_hessian(hess_grads)
+            if after_refresh:
+                after_refresh()
+        for i, p in enumerate(params):
+            assert_close_to_scale(p.detach(), ref.p[i])
+
+    drive(opt, params, steps, on_step=check)
+
+
+def test_bias_correction_divides_h_by_one_minus_beta2_to_the_refreshes():
+    params = make_params()
+    ref = PaperSophia(params, bias_correction=True)
+    opt = Sophia(sophia_groups(params), eps=EPS, hessian_bias_correction=True)
+    drive_against(ref, opt, params, 30)
+    assert [g["hessian_updates"] for g in opt.param_groups] == [10, 10]
+    assert Sophia.hessian_scale(opt.param_groups[0]) == pytest.approx(1 / (1 - 0.99 ** 10))
+    # it changes the trajectory (the paper's rule clips more while h fills)
+    plain = make_params()
+    drive(Sophia(sophia_groups(plain), eps=EPS), plain, 30)
+    assert not torch.equal(plain[0], params[0])
+
+
+def test_hessian_floor_from_the_group_mean_and_zero_h_steps_shrink_with_m():
+    params = make_params()
+    ref = PaperSophia(params)
+    opt = Sophia(sophia_groups(params), eps=EPS, hessian_floor_ratio=0.5)
+
+    def floors():
+        opt.apply_hessian_floor()  # single process: the group means of its own state
+        for g in GROUPS:
+            mean = torch.cat([ref.h[i].reshape(-1) for i in g["idx"]]).double().mean().item()
+            for i in g["idx"]:
+                ref.floor[i] = 0.5 * mean
+
+    drive_against(ref, opt, params, 30, after_refresh=floors)
+    assert opt.param_groups[0]["hessian_floor"] == pytest.approx(ref.floor[0], rel=1e-6) and ref.floor[0] > 0
+    # a coordinate no Hessian batch touched (h = 0) whose gradient stops: the paper's rule keeps
+    # stepping by lr*sign(m) while m decays; with a floor the step shrinks with |m|
+    steps = {}
+    for ratio in (0.0, 1.0):
+        p = torch.nn.Parameter(torch.zeros(2))
+        o = Sophia([p], lr=0.1, rho=100.0, bs=1, weight_decay=0.0, hessian_floor_ratio=ratio)
+        p.grad = torch.tensor([1.0, 0.0])
+        o.update_hessian()  # h = (0.01, 0): the second coordinate has no curvature yet
+        o.apply_hessian_floor()
+        p.grad = torch.tensor([0.0, 1.0])
+        o.step()
+        p.grad = torch.zeros(2)
+        before = p.detach()[1].item()
+        for _ in range(50):
+            o.step()
+        steps[ratio] = before - p.detach()[1].item()
+    assert steps[0.0] == pytest.approx(50 * 0.1, rel=1e-6)  # full steps for 50 steps after the gradient stopped
+    assert steps[1.0] < 0.1 * steps[0.0]
+
+
+def test_adamw_groups_are_torch_adamw_and_have_no_hessian():
+    params, twins = make_params(), make_params()
+    groups = sophia_groups(params)
+    groups[1].update(update="adamw", betas=(0.9, 0.95), eps=1e-8)
+    opt = Sophia(groups, eps=EPS)
+    adamw = torch.optim.AdamW([twins[i] for i in GROUPS[1]["idx"]], lr=GROUPS[1]["lr"], betas=(0.9, 0.95), eps=1e-8,
+                              weight_decay=GROUPS[1]["weight_decay"], fused=True)
+    for it, (grads, hess_grads) in enumerate(gradient_stream(12)):
+        for p, q, g in zip(params, twins, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        adamw.step()
+        if it % 3 == 2:
+            for p, g in zip(params, hess_grads):
+                p.grad = g.clone()
+            opt.update_hessian()
+    for i in GROUPS[1]["idx"]:
+        assert torch.equal(params[i], twins[i])  # the same kernel, bit for bit
+        assert set(opt.state[params[i]]) == {"step", "exp_avg", "exp_avg_sq"}
+    assert set(opt.state[params[0]]) == {"step", "exp_avg", "hessian", "hessian_rejected"}
+    assert [g["hessian_updates"] for g in opt.param_groups] == [4, 0]
+    assert list(opt.statistics_sums()) == ["group0"]  # AdamW groups have no Sophia statistics
+    # the reference's AdamW agrees to rounding
+    p0 = make_params()[GROUPS[1]["idx"][0]].detach()
+    m = v = torch.zeros_like(p0)
+    for step, (grads, _) in enumerate(gradient_stream(12), start=1):
+        p0, m, v = reference.adamw_step(p0, m, v, grads[GROUPS[1]["idx"][0]], step, lr=GROUPS[1]["lr"], beta1=0.9,
+                                        beta2=0.95, eps=1e-8, weight_decay=GROUPS[1]["weight_decay"])
+    assert_close_to_scale(params[GROUPS[1]["idx"][0]].detach(), p0)
+
+
+def test_update_hessian_without_squaring_takes_the_gradient_slot_as_the_estimate():
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = Sophia([p], betas=(0.9, 0.5))
+    p.grad = torch.tensor([2.0, -1.0, 0.5])
+    opt.update_hessian(square=False)
+    assert torch.equal(opt.state[p]["hessian"], torch.tensor([1.0, -0.5, 0.25]))
+    opt.update_hessian()
+    assert torch.equal(opt.state[p]["hessian"], torch.tensor([2.5, 0.25, 0.25]))
+
+
+def test_group_state_survives_a_state_dict_round_trip():
+    params = make_params()
+    opt = Sophia(sophia_groups(params), hessian_bias_correction=True, hessian_floor_ratio=0.1)
+    drive(opt, params, 9)
+    opt.apply_hessian_floor()
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    twins = make_params()
+    other = Sophia(sophia_groups(twins), hessian_bias_correction=True, hessian_floor_ratio=0.1)
+    buffer.seek(0)
+    other.load_state_dict(torch.load(buffer, weights_only=True))
+    for a, b in zip(opt.param_groups, other.param_groups):
+        assert (a["hessian_updates"], a["hessian_floor"]) == (b["hessian_updates"], b["hessian_floor"]) != (0, 0.0)
+

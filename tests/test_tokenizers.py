@@ -18,11 +18,15 @@ from tokenizers import ByteLevelBPETokenizer
 
 from neox_sophia.data import Tokenizer, build_tokenizer
 from neox_sophia.data.tokenizers import (
-    NOT_IMPLEMENTED,
     TOKENIZERS,
+    CharLevelTokenizer,
     GPT2BPETokenizer,
+    HFGPT2Tokenizer,
     HFTokenizer,
+    MissingDependency,
     SPMTokenizer,
+    TiktokenTokenizer,
+    build_tokenizer_or_refuse,
 )
 
 EOD = "<|endoftext|>"
@@ -240,10 +244,13 @@ def test_unknown_type_lists_known_and_suggests_closest():
         build_tokenizer(None, "vocab.json")
 
 
-@pytest.mark.parametrize("name", [*NOT_IMPLEMENTED, "tiktokentokenizer"])
-def test_neox_types_not_implemented_say_so(name):
-    with pytest.raises(NotImplementedError, match=r"not implement.*HFTokenizer.*SPMTokenizer"):
-        build_tokenizer(name, "vocab.json")
+# the --tokenizer-type choices of NeoX's tools/datasets/preprocess_data.py (NeoXArgs has the same)
+NEOX_TYPES = ["HFGPT2Tokenizer", "HFTokenizer", "GPT2BPETokenizer", "CharLevelTokenizer", "TiktokenTokenizer",
+              "SPMTokenizer"]
+
+
+def test_every_neox_tokenizer_type_is_implemented():
+    assert sorted(cls.name for cls in TOKENIZERS.values()) == sorted(NEOX_TYPES)
 
 
 def test_missing_files_name_the_key_and_path(bpe_files, tmp_path):
@@ -273,3 +280,77 @@ def test_unparsable_file_names_the_key_and_path(bpe_files):
 def test_unused_merge_file_is_reported(bpe_files):
     with pytest.warns(UserWarning, match="merge_file is not used by HFTokenizer"):
         build_tokenizer("HFTokenizer", bpe_files["tokenizer.json"], bpe_files["merges.txt"])
+
+
+def test_a_bad_tokenizer_setting_is_one_config_error_line(bpe_files):
+    from neox_sophia.config import ConfigError
+    from neox_sophia.config.sections import DataConfig
+
+    with pytest.raises(ConfigError) as err:  # NeoX: an AssertionError traceback
+        build_tokenizer_or_refuse(DataConfig(vocab_file=bpe_files["vocab.json"]))
+    assert "merge_file" in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match="^vocab_file: no such file"):
+        build_tokenizer_or_refuse(DataConfig(tokenizer_type="HFTokenizer", vocab_file="/nonexistent.json"))
+
+
+# --- HFGPT2Tokenizer, CharLevelTokenizer, TiktokenTokenizer -------------------------------------
+
+
+def test_hf_gpt2_tokenizer_is_transformers_gpt2_with_neox_padding(bpe_files):
+    """NeoX's definition, through transformers itself: GPT2TokenizerFast.from_pretrained, then
+    "<|padding|>" added as the pad token; vocab_size = len(tokenizer), eod = eos id."""
+    from transformers import GPT2TokenizerFast
+
+    directory = str(Path(bpe_files["vocab.json"]).parent)
+    reference = GPT2TokenizerFast.from_pretrained(directory)
+    reference.add_special_tokens({"pad_token": "<|padding|>"})
+    tok = build_tokenizer("HFGPT2Tokenizer", directory)
+    assert isinstance(tok, HFGPT2Tokenizer)
+    assert tok.vocab_size == len(reference) == 501 and tok.pad_id == reference.pad_token_id == 500
+    assert tok.eod_id == reference.eos_token_id == _read_json(bpe_files["vocab.json"])[EOD]
+    text = HELD_OUT + EOD + "next"
+    assert tok.encode(text) == reference.encode(text)
+    assert tok.encode_batch([text, ""]) == [reference.encode(text), []]
+    assert tok.decode(tok.encode(text)) == text
+    gpt2 = build_tokenizer("GPT2BPETokenizer", bpe_files["vocab.json"], bpe_files["merges.txt"])
+    assert tok.encode(text) == gpt2.encode(text)  # the same BPE, one more (pad) id
+
+
+def test_char_level_tokenizer_is_utf8_bytes_with_neox_ids():
+    tok = build_tokenizer("CharLevelTokenizer", None)
+    assert isinstance(tok, CharLevelTokenizer)
+    assert (tok.vocab_size, tok.eod_id, tok.pad_id) == (512, 0, 1)  # NeoX: CharLevelTokenizer(vocab_size=512)
+    assert tok.encode("héllo") == [104, 195, 169, 108, 108, 111]  # NeoX: np.fromstring(text, uint8)
+    assert tok.encode_batch([HELD_OUT, ""]) == [list(HELD_OUT.encode("utf-8")), []]
+    assert tok.decode(tok.encode(HELD_OUT)) == HELD_OUT
+    with pytest.warns(UserWarning, match="vocab_file is not used by CharLevelTokenizer"):
+        build_tokenizer("CharLevelTokenizer", "vocab.json")
+
+
+def test_tiktoken_without_the_package_is_one_line(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "tiktoken", None)  # as if not installed
+    with pytest.raises(MissingDependency, match="^TiktokenTokenizer needs the tiktoken package.*pip install tiktoken$"):
+        build_tokenizer("TiktokenTokenizer", "cl100k_base")
+
+
+def test_tiktoken_tokenizer_on_an_offline_encoding(monkeypatch):
+    """tiktoken downloads its published encodings (cl100k_base...) on first use, which CI cannot:
+    a byte-level encoding built here stands in for one, through tiktoken's own Encoding class."""
+    tiktoken = pytest.importorskip("tiktoken")
+    offline = tiktoken.Encoding(name="bytes", pat_str=r"\s+|\S+",
+                                mergeable_ranks={bytes([b]): b for b in range(256)},
+                                special_tokens={EOD: 256})
+    asked = []
+    monkeypatch.setattr(tiktoken, "get_encoding", lambda name: asked.append(name) or offline)
+    tok = build_tokenizer("TiktokenTokenizer", "cl100k_base")
+    assert isinstance(tok, TiktokenTokenizer) and asked == ["cl100k_base"]
+    assert (tok.vocab_size, tok.eod_id, tok.pad_id) == (257, 256, None)
+    text = "naïve" + EOD + "x"
+    assert tok.encode(text) == [*"naïve".encode("utf-8"), 256, ord("x")]  # the special token is one id
+    assert tok.encode_batch([text, ""]) == [tok.encode(text), []]
+    assert tok.decode(tok.encode(text)) == text
+    monkeypatch.setattr(tiktoken, "get_encoding", lambda name: (_ for _ in ()).throw(ValueError("unknown")))
+    with pytest.raises(ValueError, match="vocab_file: could not load 'nope' as a tiktoken encoding name"):
+        build_tokenizer("TiktokenTokenizer", "nope")

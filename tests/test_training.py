@@ -156,8 +156,6 @@ def test_bad_input_is_one_clear_line(corpus, tmp_path):
     (corrupt / "mp_rank_00_model_states.pt").write_bytes(b"not a checkpoint")
     bad = run(f"load={tmp_path / 'corrupt'}")
     assert bad.returncode == 2 and "could not be read" in bad.stderr and "Traceback" not in bad.stderr
-    hutchinson = run("optimizer.params.estimator=hutchinson")
-    assert hutchinson.returncode == 2 and "trainer implements 'gnb'" in hutchinson.stderr
     fp16 = run("precision=fp16")  # at ZeRO stage 0: DeepSpeed would never apply the loss scale
     assert fp16.returncode == 2 and "zero_optimization.stage to 1" in fp16.stderr
     for pipe in (0, 1):  # the plain engine checks the loss, the PipelineEngine the gradients

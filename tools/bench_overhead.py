@@ -72,7 +72,7 @@ def twin_configs(configs: List[str], overrides: List[str], iterations: int, k: i
     sophia_cfg = load_config(configs, common + [f"optimizer.params.hessian_interval={k}"], warn=False)
     if sophia_cfg.optimizer.type != "sophia":
         raise SystemExit("bench_overhead: the config's optimizer must be sophia (the AdamW twin is derived)")
-    lr = sophia_cfg.optimizer.params["lr"]
+    lr = sophia_cfg.optimizer.params.lr
     adamw_cfg = load_config(configs, common + [f"optimizer={{type: adamw, params: {{lr: {lr}}}}}"], warn=False)
     return sophia_cfg, adamw_cfg
 

@@ -1,6 +1,7 @@
 """The whole config: typed sections built from NeoX YAML files, and the values derived from them.
 
     cfg = load_config(["configs/125M.yml", "configs/sophia.yml"], overrides=["train_iters=2000"])
+    cfg = load_config(["pythia/70M.yml"], override_files=["configs/sophia.yml"])  # replaces its optimizer
     cfg.model.hidden_size, cfg.optimizer.type
     layout = cfg.layout(world_size=16)           # tp, pp, dp and the batch triple
     cfg.padded_vocab_size(50277)                 # 50304 at TP=1
@@ -15,7 +16,9 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, NamedTuple, Optional
 
+from neox_sophia.config.aliases import resolve_derived
 from neox_sophia.config.base import ConfigError, build_section, section_keys
+from neox_sophia.config.engine_options import deepspeed_zero_block, offload_device
 from neox_sophia.config.keys import IGNORABLE, NEOX_DEFAULTS
 from neox_sophia.config.loader import apply_overrides, read_config_files
 from neox_sophia.config.model import ModelConfig, ParallelConfig
@@ -73,6 +76,8 @@ class NeoXConfig:
     """key -> the file (or --set override) it came from."""
     ignored: Dict[str, Any] = field(default_factory=dict)
     """IGNORABLE NeoX keys set to a non-default value (reported in one warning)."""
+    notes: List[str] = field(default_factory=list)
+    """One line per key read under another name (gas...) and per value an override file replaced."""
 
     def layout(self, world_size: Optional[int] = None) -> Layout:
         world_size = world_size or self.default_world_size
@@ -97,13 +102,13 @@ class NeoXConfig:
         decay = self.training.decay_iters
         if decay is None:
             raise self._error(ConfigError("train_iters: not set; the LR schedule needs it"))
-        return LRSchedule(lr=self.optimizer.params["lr"], min_lr=self.training.min_lr, decay_iters=decay,
+        return LRSchedule(lr=self.optimizer.params.lr, min_lr=self.training.min_lr, decay_iters=decay,
                           warmup=self.training.warmup, style=self.training.lr_decay_style)
 
     @property
     def hessian_interval(self) -> Optional[int]:
         """Sophia's k (steps between Hessian refreshes); None for an optimizer without one."""
-        return self.optimizer.params.get("hessian_interval") if self.optimizer.type == "sophia" else None
+        return getattr(self.optimizer.params, "hessian_interval", None)
 
     def hessian_batch(self, world_size: Optional[int] = None) -> tuple:
         """(sequences in the global Hessian batch, micro-batches per data-parallel rank).
@@ -114,7 +119,7 @@ class NeoXConfig:
         same when the micro-batch split changes."""
         lay = self.layout(world_size)
         per_micro = lay.micro_batch_size * lay.dp
-        size = self.optimizer.params.get("hessian_batch_size")
+        size = getattr(self.optimizer.params, "hessian_batch_size", None)
         if size is None:
             return max(1, lay.gradient_accumulation_steps // 2) * per_micro, max(1, lay.gradient_accumulation_steps // 2)
         if size % per_micro:
@@ -139,10 +144,12 @@ class NeoXConfig:
             "gradient_clipping": eng.gradient_clipping,
             "steps_per_print": eng.steps_per_print,
             "wall_clock_breakdown": eng.wall_clock_breakdown,
-            "zero_optimization": {**(eng.zero_optimization or {}), "stage": eng.zero_stage},
+            "zero_optimization": deepspeed_zero_block(eng.zero_optimization, eng.zero_stage),
             # DeepSpeed insists on this for any optimizer it did not build itself under ZeRO
             "zero_allow_untested_optimizer": True,
         }
+        if offload_device(eng.zero_optimization) == "cpu":
+            ds["zero_force_ds_cpu_optimizer"] = False  # Sophia runs on the offloaded state (engine_options.py)
         precision = eng.resolved_precision
         if precision == "fp16":
             ds["fp16"] = {**(eng.fp16 or {}), "enabled": True}
@@ -166,13 +173,17 @@ class NeoXConfig:
                     section.validate()
             except ConfigError as e:
                 raise self._error(e) from None
+        # what the optimizer's Hessian estimator can run on (e.g. Sophia-H: the plain engine, fp32)
+        self._located(lambda: self.optimizer.params.check_engine(
+            pipeline=self.parallel.pipe_parallel_size >= 1, precision=self.engine.resolved_precision))
         tp = self.parallel.model_parallel_size
-        if self.model.num_attention_heads % tp:
-            raise self._error(ConfigError(f"num_attention_heads: {self.model.num_attention_heads} is not "
-                                          f"divisible by model_parallel_size {tp}"))
-        if self.training.min_lr > self.optimizer.params["lr"]:
+        for key, heads in (("num_attention_heads", self.model.num_attention_heads),
+                           ("num_kv_heads", self.model.kv_heads)):
+            if heads % tp:
+                raise self._error(ConfigError(f"{key}: {heads} is not divisible by model_parallel_size {tp}"))
+        if self.training.min_lr > self.optimizer.params.lr:
             raise self._error(ConfigError(f"min_lr: {self.training.min_lr} is above optimizer.params.lr "
-                                          f"{self.optimizer.params['lr']}"))
+                                          f"{self.optimizer.params.lr}"))
 
     def _located(self, fn):
         try:
@@ -212,12 +223,16 @@ def _classify(values: Dict[str, Any], origins: Dict[str, str]) -> Dict[str, Any]
     return ignored
 
 
-def load_config(paths: Iterable[str], overrides: Iterable[str] = (), *, warn: bool = True) -> NeoXConfig:
-    """Read, merge, override, classify, build and validate a config."""
-    paths = list(paths)
-    values, origins = read_config_files(paths)
+def load_config(paths: Iterable[str], overrides: Iterable[str] = (), *, override_files: Iterable[str] = (),
+                warn: bool = True) -> NeoXConfig:
+    """Read, merge, replace (override files, then ``--set`` overrides), resolve older key names,
+    classify, build and validate a config."""
+    values, origins, notes = read_config_files(list(paths), list(override_files))
     apply_overrides(values, origins, overrides)
-    return config_from_values(values, origins, warn=warn)
+    notes += resolve_derived(values, origins)
+    cfg = config_from_values(values, origins, warn=warn)
+    cfg.notes = notes
+    return cfg
 
 
 def config_from_values(values: Dict[str, Any], origins: Dict[str, str], *, warn: bool = False) -> NeoXConfig:

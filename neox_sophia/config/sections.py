@@ -68,7 +68,9 @@ class EngineConfig:
     bf16: Optional[dict] = None
     """DeepSpeed bf16 block; "enabled": true selects bfloat16."""
     zero_optimization: Optional[dict] = None
-    """DeepSpeed ZeRO block, passed through. Stage 0, 1 or 2 (1 and 2 shard Sophia's hessian)."""
+    """DeepSpeed ZeRO block. Stage 0, 1 or 2 (1 and 2 shard Sophia's hessian); ZeRO-1/2's
+    communication switches and CPU offload of the optimizer state (offload_optimizer.device
+    "cpu") pass through, other entries are refused (config/engine_options.py)."""
     gradient_clipping: float = 1.0
     """Global gradient-norm clip (also applied to the Hessian pass's sampled-label gradient)."""
     steps_per_print: int = 10
@@ -76,7 +78,8 @@ class EngineConfig:
     wall_clock_breakdown: bool = False
     """DeepSpeed timers for forward/backward/step."""
     deepspeed_extra_args: Optional[dict] = None
-    """Further DeepSpeed config entries, merged last (they must not repeat a key set above)."""
+    """Further DeepSpeed config entries: monitors and profilers (comms_logger, flops_profiler...)
+    only; entries that change what is trained are refused (config/engine_options.py)."""
 
     @property
     def resolved_precision(self) -> str:
@@ -106,28 +109,41 @@ class EngineConfig:
               "stage 2 cannot be combined with pipe_parallel_size >= 1 (DeepSpeed's PipelineEngine "
               "supports ZeRO stage 0 and 1); use stage 1 or pipe_parallel_size 0")
         check(self.gradient_clipping >= 0, "gradient_clipping", f"must be >= 0 (got {self.gradient_clipping})")
+        from neox_sophia.config.engine_options import check_extra_args, check_zero_block
+
+        check_zero_block(self.zero_optimization, self.zero_stage)
+        check_extra_args(self.deepspeed_extra_args)
 
 
 @dataclass
 class OptimizerConfig:
     optimizer: Optional[dict] = None
-    """{"type": "sophia" | "adamw" | "adam", "params": {...}}. Unset: NeoX's default (Adam, lr 1e-3)."""
+    """{"type": "sophia" | "adamw" | "adam", "params": {...}}; params are typed per type
+    (neox_sophia.optim.factory: SophiaParams, AdamWParams). Unset: NeoX's default (Adam, lr 1e-3)."""
     weight_decay: float = 0.1
     """Decoupled weight decay for weights (biases and norms get none)."""
+    embedding_weight_decay: bool = True
+    """(neox-sophia) Whether the input embedding is weight-decayed: true as GPT-NeoX does; false as
+    the official Sophia/GPT-2 code does (it exempts embeddings). Not a GPT-NeoX key."""
 
     @property
     def type(self) -> str:
         return self.parsed[0]
 
     @property
-    def params(self) -> Dict:
+    def params(self):
+        """The typed params of the optimizer type (SophiaParams / AdamWParams), read by attribute."""
         return self.parsed[1]
 
     @property
-    def parsed(self) -> Tuple[str, Dict]:
-        from neox_sophia.optim.factory import parse_optimizer_block
+    def parsed(self) -> Tuple[str, object]:
+        cached = self.__dict__.get("_parsed")
+        if cached is None or cached[0] is not self.optimizer:
+            from neox_sophia.optim.factory import parse_optimizer_block
 
-        return parse_optimizer_block(self.optimizer)
+            cached = (self.optimizer, parse_optimizer_block(self.optimizer))
+            self.__dict__["_parsed"] = cached
+        return cached[1]
 
     def validate(self) -> None:
         self.parsed
@@ -193,7 +209,8 @@ class DataConfig:
     split: str = "969, 30, 1"
     """Train/valid/test proportions of data_path's documents."""
     tokenizer_type: str = "GPT2BPETokenizer"
-    """HFTokenizer, GPT2BPETokenizer or SPMTokenizer (see neox_sophia.data.tokenizers)."""
+    """Any of NeoX's: HFTokenizer, GPT2BPETokenizer, SPMTokenizer, HFGPT2Tokenizer,
+    TiktokenTokenizer, CharLevelTokenizer (see neox_sophia.data.tokenizers)."""
     vocab_file: Optional[str] = None
     merge_file: Optional[str] = None
     data_impl: str = "infer"
@@ -204,9 +221,15 @@ class DataConfig:
     def validate(self) -> None:
         from neox_sophia.data.tokenizers import TOKENIZERS
 
-        known = {name.lower(): name for name in TOKENIZERS}
+        known = {key: cls.name for key, cls in TOKENIZERS.items()}
         check(self.tokenizer_type.lower() in known, "tokenizer_type",
-              f"'{self.tokenizer_type}' is not one of {sorted(TOKENIZERS)}")
+              f"'{self.tokenizer_type}' is not one of {sorted(known.values())}")
+        files = TOKENIZERS[self.tokenizer_type.lower()].file_keys
+        given = [key for key in files if getattr(self, key) is not None]
+        for key in files if given else ():  # one file without the other: name the missing one
+            if key not in given:  # located at the file that set the other one
+                raise ConfigError(f"{key}: not set; {known[self.tokenizer_type.lower()]} needs both "
+                                  f"{' and '.join(files)} (GPT-2's vocab.json and merges.txt)", given[0])
         check(self.data_impl in ("infer", "mmap"), "data_impl",
               f"'{self.data_impl}' is not supported; use \"mmap\" (indexed .bin/.idx datasets)")
         split = [part.strip() for part in self.split.split(",")]
@@ -236,6 +259,18 @@ class CheckpointConfig:
     """Additional steps to save at."""
     keep_last_n_checkpoints: Optional[int] = None
     """Delete older checkpoints beyond this many."""
+    finetune: bool = False
+    """NeoX: load only the weights of `load` and start at step 0 with a fresh optimizer and LR
+    schedule (e.g. from a NeoX, Pythia or Hugging Face-converted checkpoint)."""
+    no_load_optim: bool = False
+    """NeoX: load only the weights of `load`; the step (and the data position) continue from the
+    checkpoint's, the optimizer state and the LR schedule start fresh. How a run trained with AdamW
+    continues with Sophia (or the other way round)."""
+    override_lr_scheduler: bool = False
+    """NeoX: on resume take the LR schedule's settings (lr, warmup, decay, min_lr) from the config
+    and only its step count from the checkpoint. That is what resuming always does here (a
+    checkpoint stores only the step count), so true and false behave alike; with false NeoX also
+    asserts that the settings did not change, which is not checked here."""
 
     def validate(self) -> None:
         check(self.save is None or self.checkpoint_factor is not None or self.extra_save_iters is not None,
@@ -258,7 +293,8 @@ class LoggingConfig:
     eval_interval: int = 1000
     """Steps between validation passes."""
     eval_iters: int = 100
-    """Micro-batches per validation pass."""
+    """Batches per validation pass, each of train_batch_size sequences (NeoX's count: an eval
+    iteration is gradient_accumulation_steps micro-batches on every data-parallel rank)."""
     use_wandb: Optional[bool] = None
     """Log the metrics to Weights & Biases from rank 0. Needs `pip install wandb`; without it the
     run says so in one line and goes on. Unset means off (NeoX turns it on when it finds a wandb

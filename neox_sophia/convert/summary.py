@@ -17,6 +17,7 @@ are computed one parameter at a time; a `save` directory is read whole (neox_sop
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from typing import Any, Dict, Iterator, List, Optional, Tuple
@@ -52,23 +53,25 @@ class _Moments:
 
 
 def _sophia_constants(cfg, layout: Dict[str, Any]) -> Tuple[Optional[float], Optional[int]]:
-    """(rho, bs) as the trainer built Sophia: bs = optimizer.params.bs, else the tokens of the
-    global Hessian batch at the run's world size (NeoXConfig.hessian_tokens)."""
+    """(rho, bs) as the trainer built Sophia (SophiaParams.resolved_bs): optimizer.params.bs, else
+    the tokens of the global Hessian batch at the run's world size (NeoXConfig.hessian_tokens) for
+    Sophia-G, 1 for Sophia-H."""
     from neox_sophia.config import ConfigError
 
     if cfg.optimizer.type != "sophia":
         return None, None
-    params = cfg.optimizer.params
-    bs = params.get("bs")
-    if bs is None:
+
+    def hessian_tokens() -> Optional[int]:
         world = layout.get("world_size")
         if world is None and all(k in layout for k in ("tp", "dp")):
             world = layout["tp"] * max(layout.get("pp", 0), 1) * layout["dp"]
         try:
-            bs = cfg.hessian_tokens(world)
+            return cfg.hessian_tokens(world)
         except ConfigError:
-            bs = None
-    return params["rho"], bs
+            return None
+
+    params = cfg.optimizer.params
+    return params.rho, params.resolved_bs(hessian_tokens)
 
 
 def _essentials(cfg, padded_vocab: Optional[int], parameters: int) -> Dict[str, Any]:
@@ -78,8 +81,9 @@ def _essentials(cfg, padded_vocab: Optional[int], parameters: int) -> Dict[str, 
                   "ffn_hidden_size": m.ffn_hidden_size, "seq_length": m.seq_length,
                   "max_position_embeddings": m.max_position_embeddings, "padded_vocab_size": padded_vocab,
                   "no_weight_tying": m.no_weight_tying, "gpt_j_residual": m.gpt_j_residual,
-                  "rotary_pct": m.rotary_pct, "parameters": parameters},
-        "optimizer": {"type": cfg.optimizer.type, "params": dict(cfg.optimizer.params),
+                  "rotary_pct": m.rotary_pct, "norm": m.norm, "activation": m.activation, "kv_heads": m.kv_heads,
+                  "parameters": parameters},
+        "optimizer": {"type": cfg.optimizer.type, "params": dataclasses.asdict(cfg.optimizer.params),
                       "weight_decay": cfg.optimizer.weight_decay},
         "schedule": {"train_iters": t.train_iters, "lr_decay_iters": t.decay_iters, "lr_decay_style": t.lr_decay_style,
                      "warmup": t.warmup, "min_lr": t.min_lr},
@@ -94,14 +98,34 @@ def _quantiles(samples: List[torch.Tensor], total: int) -> Tuple[Dict[str, float
     return {f"{p:g}": float(v) for p, v in zip(QUANTILES, q)}, total <= EXACT_QUANTILE_LIMIT
 
 
+def _as_the_update_sees_it(saved_groups: List[Dict[str, Any]]) -> Dict[str, Tuple[float, float]]:
+    """Group name -> (scale, floor) of h in the update (bias correction, floor; 1 and 0 unless
+    those options were on), from the saved param groups."""
+    from neox_sophia.optim.sophia import Sophia
+
+    out = {}
+    for group in saved_groups:
+        try:
+            out[group.get("name")] = (Sophia.hessian_scale(group), float(group.get("hessian_floor", 0.0)))
+        except (KeyError, TypeError, IndexError):  # a checkpoint from before these options
+            out[group.get("name")] = (1.0, 0.0)
+    return out
+
+
 def _statistics(entries: Iterator[Tuple[str, Dict[str, torch.Tensor]]], total_hessian: int,
-                rho: Optional[float], bs: Optional[int]) -> Dict[str, Any]:
-    """Optimizer-state statistics from (name, {state key: full tensor}) one parameter at a time."""
+                rho: Optional[float], bs: Optional[int],
+                saved_groups: Optional[List[Dict[str, Any]]] = None) -> Dict[str, Any]:
+    """Optimizer-state statistics from (name, {state key: full tensor}) one parameter at a time,
+    in all and per parameter role (neox_sophia.optim.groups)."""
+    from neox_sophia.optim.groups import role_of
+
     moments: Dict[str, _Moments] = {}
     zeros = clipped = counted = 0
+    roles: Dict[str, Dict[str, float]] = {}
+    update = _as_the_update_sees_it(saved_groups or [])
     samples: List[torch.Tensor] = []
     stride = 1 if total_hessian <= EXACT_QUANTILE_LIMIT else -(-total_hessian // SAMPLE)
-    for _, entry in entries:
+    for name, entry in entries:
         for key, value in entry.items():
             moments.setdefault(key, _Moments()).add(value)
         h = entry.get("hessian")
@@ -109,12 +133,29 @@ def _statistics(entries: Iterator[Tuple[str, Dict[str, torch.Tensor]]], total_he
             continue
         zeros += int((h == 0).sum())
         samples.append(h.reshape(-1)[::stride].clone())
+        role = role_of(name)
+        r = roles.setdefault(role, {"numel": 0, "zeros": 0, "sum": 0.0, "squares": 0.0, "unclipped": 0})
+        hd = h.double()
+        r["numel"] += h.numel()
+        r["zeros"] += int((h == 0).sum())
+        r["sum"] += float(hd.sum())
+        r["squares"] += float(hd.square().sum())
         m = entry.get("exp_avg")
         if m is not None and rho is not None and bs is not None:
-            rho_bs = rho * bs  # Sophia.statistics_sums: unclipped where |m| < rho*bs*h
-            clipped += int(m.numel() - (m.abs() < rho_bs * h).sum())
+            scale, floor = update.get(role, (1.0, 0.0))
+            denom = torch.clamp_min(rho * bs * scale * h, rho * bs * floor)  # as Sophia.statistics_sums
+            unclipped = int((m.abs() < denom).sum())
+            r["unclipped"] += unclipped
+            clipped += int(m.numel() - unclipped)
             counted += m.numel()
     out: Dict[str, Any] = {"state": {key: mom.result() for key, mom in moments.items()}}
+    if roles:
+        out["groups"] = {role: {"numel": r["numel"], "hessian_zero_frac": r["zeros"] / max(r["numel"], 1),
+                                "hessian_mean": r["sum"] / max(r["numel"], 1),
+                                "hessian_rms": math.sqrt(r["squares"] / max(r["numel"], 1)),
+                                **({"win_rate": r["unclipped"] / max(r["numel"], 1),
+                                    "clip_frac": 1 - r["unclipped"] / max(r["numel"], 1)} if counted else {})}
+                         for role, r in roles.items()}
     if "hessian" in moments:
         n = moments["hessian"].numel
         quantiles, exact = _quantiles(samples, n)
@@ -146,7 +187,7 @@ def _summarize_save_dir(path: str, step: Optional[int], statistics: bool) -> Dic
     if statistics:
         rho, bs = _sophia_constants(cfg, ckpt.layout)
         total = sum(e["hessian"].numel() for e in ckpt.optimizer.values() if "hessian" in e)
-        summary.update(_statistics(iter(ckpt.optimizer.items()), total, rho, bs))
+        summary.update(_statistics(iter(ckpt.optimizer.items()), total, rho, bs, ckpt.param_groups))
     return summary
 
 
@@ -198,7 +239,7 @@ def _summarize_universal(path: str, statistics: bool) -> Dict[str, Any]:
                     state_keys = keys[name]
                     yield name, {k: f.get_tensor(f"{name}{SEP}{k}") for k in state_keys}
 
-            summary.update(_statistics(entries(), total, rho, bs))
+            summary.update(_statistics(entries(), total, rho, bs, summary["saved_param_groups"]))
     return summary
 
 
@@ -229,8 +270,9 @@ def render(summary: Dict[str, Any]) -> str:
     if lay:
         lines.append("layout: " + ", ".join(f"{k} {v}" for k, v in lay.items()))
     m = s["model"]
-    lines.append(f"model: {m['num_layers']} layers, hidden {m['hidden_size']}, {m['num_attention_heads']} heads, "
-                 f"ffn {m['ffn_hidden_size']}, seq {m['seq_length']}, vocab {m['padded_vocab_size']} (padded), "
+    kv = f" ({m['kv_heads']} key/value)" if m.get("kv_heads", m["num_attention_heads"]) != m["num_attention_heads"] else ""
+    lines.append(f"model: {m['num_layers']} layers, hidden {m['hidden_size']}, {m['num_attention_heads']} heads{kv}, "
+                 f"{m.get('norm', 'layernorm')}, {m.get('activation', 'gelu')}, ffn {m['ffn_hidden_size']}, seq {m['seq_length']}, vocab {m['padded_vocab_size']} (padded), "
                  f"{'untied' if m['no_weight_tying'] else 'tied'} embeddings, {m['parameters']:,} parameters")
     o = s["optimizer"]
     lines.append(f"optimizer: {o['type']} " + ", ".join(f"{k}={v}" for k, v in o["params"].items())
@@ -266,6 +308,13 @@ def render(summary: Dict[str, Any]) -> str:
             lines.append(f"sophia: rho {so['rho']}, bs {so['bs']}: clip_frac {so['clip_frac']:.4f}, win_rate "
                          f"{so['win_rate']:.4f} (advised 0.1-0.5; with h = 0 before the first refresh every "
                          f"coordinate clips)")
+    groups = s.get("groups")
+    if groups:
+        lines.append("")
+        lines.append(f"{'role':<13} {'numel':>12} {'win_rate':>9} {'h mean':>11} {'h rms':>11} {'h == 0':>8}")
+        for role, g in groups.items():
+            lines.append(f"{role:<13} {g['numel']:>12,} {_num(g.get('win_rate')):>9} {_num(g['hessian_mean']):>11} "
+                         f"{_num(g['hessian_rms']):>11} {g['hessian_zero_frac']:>8.2%}")
     return "\n".join(lines)
 
 

@@ -16,7 +16,7 @@ data was preprocessed with --append-eod), given as tokens = [:-1], labels = [1:]
 
 `batch_for` maps (step, micro_step, dp_rank) to global sample indices so that optimizer step s
 always consumes samples [s*B, (s+1)*B), B = micro_batch_size * grad_accum * dp_size, whatever
-the layout (DESIGN.md invariant 2). Within a step, micro-step m of rank r reads the micro-batch
+the layout (docs/design.md, invariant 2). Within a step, micro-step m of rank r reads the micro-batch
 
     s*B + (m*dp_size + r)*micro_batch_size + [0, micro_batch_size)
 

@@ -4,7 +4,12 @@ Takes GPT-NeoX's tools/datasets/preprocess_data.py arguments, so existing comman
 
     neox-sophia preprocess --input A.jsonl,B.jsonl.zst --jsonl-keys text \\
         --tokenizer-type HFTokenizer --vocab-file 20B_tokenizer.json --append-eod \\
-        --output-prefix data/pile --workers 8
+        --output-prefix data/pile --dataset-impl mmap --workers 8 [--ftfy] [--num-docs N]
+
+--ftfy repairs mojibake and other Unicode damage with the ftfy package (an optional install)
+before tokenizing; --num-docs (the number of input documents, when known) turns the progress
+display into a bar with an ETA, as in NeoX; --dataset-impl mmap is accepted and changes nothing
+(the memory-mapped indexed format is the one written; NeoX's lazy/cached are refused).
 
 writes `data/pile_text_document.bin/.idx` (one pair per jsonl key: `{prefix}_{key}_document`) with
 megatron-core's IndexedDatasetBuilder, so megatron-core's GPTDataset reads them. Each non-empty
@@ -33,7 +38,8 @@ from typing import IO, Deque, Iterator, List, Optional, Sequence, Tuple
 
 import numpy
 
-from neox_sophia.data.tokenizers import TOKENIZERS, Tokenizer, build_tokenizer
+from neox_sophia.data.progress import Progress
+from neox_sophia.data.tokenizers import TOKENIZER_ERRORS, TOKENIZERS, Tokenizer, build_tokenizer
 
 BATCH_LINES = 64
 """Lines per task sent to a worker: large enough to amortize pickling, small enough to keep
@@ -168,15 +174,27 @@ _worker_tokenizer: Optional[Tokenizer] = None
 _worker_keys: Tuple[str, ...] = ()
 _worker_eod: Optional[int] = None
 _worker_dtype: type = numpy.int32
+_worker_fix_text = None
 
 
-def _init_worker(spec: TokenizerSpec, keys: Tuple[str, ...], append_eod: bool, dtype) -> None:
+def _init_worker(spec: TokenizerSpec, keys: Tuple[str, ...], append_eod: bool, dtype, ftfy: bool = False) -> None:
     """Pool initializer: each worker builds its own tokenizer once (tokenizers don't pickle)."""
-    global _worker_tokenizer, _worker_keys, _worker_eod, _worker_dtype
+    global _worker_tokenizer, _worker_keys, _worker_eod, _worker_dtype, _worker_fix_text
     _worker_tokenizer = spec.build()
     _worker_keys = keys
     _worker_eod = _worker_tokenizer.eod_id if append_eod else None
     _worker_dtype = dtype
+    _worker_fix_text = fix_text_function() if ftfy else None
+
+
+def fix_text_function():
+    """ftfy.fix_text (what NeoX's --ftfy applies to each document), or InputError saying how to
+    install it: ftfy is an optional dependency."""
+    try:
+        import ftfy
+    except ImportError:
+        raise InputError("--ftfy needs the ftfy package, which is not installed: pip install ftfy") from None
+    return ftfy.fix_text
 
 
 def _texts_of(path: str, line_no: int, line: bytes) -> List[str]:
@@ -198,7 +216,7 @@ def _texts_of(path: str, line_no: int, line: bytes) -> List[str]:
         value = record[key]
         if not isinstance(value, str):
             raise InputError(f"{where}: {key!r} is {type(value).__name__}, not a string")
-        texts.append(value)
+        texts.append(_worker_fix_text(value) if _worker_fix_text else value)
     return texts
 
 
@@ -282,29 +300,10 @@ class _DatasetWriter:
                     os.remove(prefix + ext + self.suffix)
 
 
-class _Progress:
-    """Progress lines on a stream: documents, tokens, tokens/s, every `interval` documents."""
-
-    def __init__(self, stream: Optional[IO[str]], interval: int):
-        self.stream, self.interval = stream, max(1, interval)
-        self.start = time.perf_counter()
-        self.next_report = self.interval
-
-    def update(self, summary: Summary) -> None:
-        if self.stream is None or summary.documents < self.next_report:
-            return
-        while self.next_report <= summary.documents:
-            self.next_report += self.interval
-        elapsed = max(time.perf_counter() - self.start, 1e-9)
-        print(f"preprocess: {summary.documents:,} documents, {summary.tokens:,} tokens "
-              f"({summary.documents / elapsed:,.0f} docs/s, {summary.tokens / elapsed:,.0f} "
-              f"tokens/s)", file=self.stream, flush=True)
-
-
 # --- the whole run -----------------------------------------------------------------------------
 
 
-def _encoded_batches(lines, spec, keys, append_eod, dtype, workers):
+def _encoded_batches(lines, spec, keys, append_eod, dtype, workers, ftfy=False):
     """Encoded batches in input order, so the output does not depend on the number of workers.
 
     workers <= 1 encodes in this process. Otherwise a pool gets at most 4 batches per worker
@@ -312,12 +311,12 @@ def _encoded_batches(lines, spec, keys, append_eod, dtype, workers):
     """
     batches = _batches(lines, BATCH_LINES)
     if workers <= 1:
-        _init_worker(spec, keys, append_eod, dtype)
+        _init_worker(spec, keys, append_eod, dtype, ftfy)
         yield from map(encode_lines, batches)
         return
     context = multiprocessing.get_context("fork" if os.name == "posix" else "spawn")
     with _tokenizers_parallelism_off(), \
-            context.Pool(workers, _init_worker, (spec, keys, append_eod, dtype)) as pool:
+            context.Pool(workers, _init_worker, (spec, keys, append_eod, dtype, ftfy)) as pool:
         pending: Deque = deque()
         for batch in batches:
             pending.append(pool.apply_async(encode_lines, (batch,)))
@@ -353,17 +352,23 @@ def preprocess(
     workers: int = 1,
     log_interval: int = 1000,
     log: Optional[IO[str]] = sys.stderr,
+    ftfy: bool = False,
+    num_docs: Optional[int] = None,
 ) -> Summary:
     """Tokenize jsonl documents into one indexed dataset per key; see the module docstring.
+    ``ftfy``: repair each text with ftfy.fix_text first; ``num_docs``: the expected number of
+    documents, for the progress bar only (as NeoX).
 
     Raises InputError (one line, naming the file) for bad input or a bad tokenizer file.
     """
     check_inputs(inputs)
+    if ftfy:
+        fix_text_function()  # installed? say so now, not in a worker
     try:
         tokenizer = spec.build()
         if append_eod:
             _ = tokenizer.eod_id  # fail now, naming the tokenizer file, not in a worker
-    except (ValueError, OSError, NotImplementedError) as err:
+    except TOKENIZER_ERRORS as err:
         raise InputError(str(err)) from None
     dtype = token_dtype(tokenizer.vocab_size)
     keys = tuple(jsonl_keys)
@@ -373,8 +378,8 @@ def preprocess(
     except OSError as err:
         raise InputError(f"{summary.outputs[0]}.bin: cannot write output ({err.strerror})"
                          ) from None
-    progress = _Progress(log, log_interval)
-    batches = _encoded_batches(iter_lines(inputs), spec, keys, append_eod, dtype, workers)
+    progress = Progress(log, log_interval, num_docs)
+    batches = _encoded_batches(iter_lines(inputs), spec, keys, append_eod, dtype, workers, ftfy)
     try:
         for per_key in batches:
             writer.add(per_key, summary)
@@ -385,6 +390,7 @@ def preprocess(
         raise
     finally:
         batches.close()  # stops the worker pool now, also when the writer failed
+        progress.close()
     summary.seconds = time.perf_counter() - progress.start
     return summary
 
@@ -400,34 +406,54 @@ def format_summary(summary: Summary) -> str:
 # --- command line ------------------------------------------------------------------------------
 
 
+# NeoX's --dataset-impl choices: mmap is what is written here; lazy and cached are older formats
+DATASET_IMPLS = {"mmap": None, "lazy": "an older Megatron format", "cached": "an older Megatron format"}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """GPT-NeoX preprocess_data.py's arguments (those that apply here)."""
+    """GPT-NeoX preprocess_data.py's arguments, all of them."""
     types = ", ".join(sorted(cls.name for cls in TOKENIZERS.values()))
     parser.add_argument("--input", required=True,
                         help="comma-separated jsonl files (.jsonl, .jsonl.zst or .jsonl.gz)")
     parser.add_argument("--jsonl-keys", nargs="+", default=["text"],
                         help="keys whose text to tokenize, one dataset each (default: text)")
+    parser.add_argument("--num-docs", type=int,
+                        help="number of documents in the input, if known: a progress bar with the time left")
     parser.add_argument("--tokenizer-type", required=True,
                         help=f"{types} (any case, as NeoX)")
-    parser.add_argument("--vocab-file", help="tokenizer.json, vocab.json or .model file")
+    parser.add_argument("--vocab-file", help="tokenizer.json, vocab.json or .model file (HFGPT2Tokenizer: a "
+                                             "directory or Hub name; TiktokenTokenizer: an encoding name)")
     parser.add_argument("--merge-file", help="merges.txt (GPT2BPETokenizer)")
     parser.add_argument("--append-eod", action="store_true",
                         help="append the end-of-document token to every document")
+    parser.add_argument("--ftfy", action="store_true",
+                        help="repair Unicode (mojibake...) with ftfy.fix_text before tokenizing (pip install ftfy)")
     parser.add_argument("--output-prefix", required=True,
                         help="writes PREFIX_{key}_document.bin/.idx")
+    parser.add_argument("--dataset-impl", choices=sorted(DATASET_IMPLS),
+                        help="accepted for NeoX's command lines: mmap is the format written (a no-op)")
     parser.add_argument("--workers", type=int, default=1, help="tokenizer processes")
     parser.add_argument("--log-interval", type=int, default=1000,
-                        help="documents between progress lines on stderr")
+                        help="documents between progress lines when stderr is not a terminal")
 
 
 def run(args: argparse.Namespace) -> int:
     """Run from parsed arguments; returns the exit code (2 for bad input, one line on stderr)."""
+    impl = getattr(args, "dataset_impl", None)
+    if DATASET_IMPLS.get(impl):
+        print(f"neox-sophia preprocess: error: --dataset-impl {impl}: {DATASET_IMPLS[impl]}, not written here; "
+              f"use mmap (megatron-core's indexed dataset, what training reads)", file=sys.stderr)
+        return 2
+    if impl == "mmap":
+        print("neox-sophia preprocess: --dataset-impl mmap: accepted, changes nothing (mmap is the only "
+              "format written)", file=sys.stderr)
     inputs = [path.strip() for path in args.input.split(",") if path.strip()]
     spec = TokenizerSpec(args.tokenizer_type, args.vocab_file, args.merge_file)
     try:
         summary = preprocess(inputs, args.output_prefix, spec, jsonl_keys=args.jsonl_keys,
                              append_eod=args.append_eod, workers=args.workers,
-                             log_interval=args.log_interval)
+                             log_interval=args.log_interval, ftfy=getattr(args, "ftfy", False),
+                             num_docs=getattr(args, "num_docs", None))
     except InputError as err:
         print(f"neox-sophia preprocess: error: {err}", file=sys.stderr)
         return 2

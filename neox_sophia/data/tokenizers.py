@@ -1,12 +1,17 @@
 """Tokenizers, picked by GPT-NeoX's `tokenizer_type` (matched case-insensitively, as NeoX does).
 
-    HFTokenizer       vocab_file = a Hugging Face tokenizer.json (e.g. the 20B tokenizer of the Pile)
-    GPT2BPETokenizer  vocab_file = GPT-2 vocab.json, merge_file = merges.txt (NeoX's default type)
-    SPMTokenizer      vocab_file = a sentencepiece .model file
+    HFTokenizer         vocab_file = a Hugging Face tokenizer.json (e.g. the 20B tokenizer of the Pile)
+    GPT2BPETokenizer    vocab_file = GPT-2 vocab.json, merge_file = merges.txt (NeoX's default type)
+    SPMTokenizer        vocab_file = a sentencepiece .model file
+    HFGPT2Tokenizer     vocab_file = a directory with GPT-2's vocab.json + merges.txt, or a Hugging Face
+                        Hub name (downloaded by transformers); unset: "gpt2", as NeoX (needs transformers)
+    TiktokenTokenizer   vocab_file = a tiktoken encoding name, e.g. cl100k_base (needs tiktoken, which
+                        downloads the encoding once and caches it)
+    CharLevelTokenizer  no file: UTF-8 bytes, vocabulary 512 (NeoX's)
 
-The vocabulary size always comes from the file. `eod_id` is the end-of-document id that
-`preprocess --append-eod` writes between documents. NeoX's other types (HFGPT2Tokenizer,
-CharLevelTokenizer, TiktokenTokenizer) are refused with a message saying so.
+The vocabulary size comes from the file (CharLevelTokenizer: NeoX's fixed 512). `eod_id` is the
+end-of-document id that `preprocess --append-eod` writes between documents. A type whose package
+is not installed says so in one line (MissingDependency).
 """
 from __future__ import annotations
 
@@ -32,6 +37,8 @@ class Tokenizer:
 
     name: str = "Tokenizer"
     file_keys: Tuple[str, ...] = ("vocab_file",)
+    local_files: bool = True
+    """Whether file_keys name files on this machine (not a Hub or encoding name)."""
 
     _vocab_size: int
     _eod_id: Optional[int]
@@ -86,6 +93,20 @@ def _check_file(owner: str, key: str, path: Optional[str | os.PathLike]) -> str:
 
 def _load_error(key: str, path: str, what: str, err: Exception) -> ValueError:
     return ValueError(f"{key}: could not load {path!r} as {what}: {err}")
+
+
+class MissingDependency(ImportError):
+    """A tokenizer type whose optional package is not installed; the message is the pip command."""
+
+
+def _import_optional(module: str, owner: str):
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise MissingDependency(f"{owner} needs the {module} package, which is not installed: "
+                                f"pip install {module}") from None
 
 
 class _TokenizersBacked(Tokenizer):
@@ -196,31 +217,101 @@ class SPMTokenizer(Tokenizer):
         return self._processor.decode(list(ids))
 
 
-TOKENIZERS: Dict[str, Type[Tokenizer]] = {
-    "hftokenizer": HFTokenizer,
-    "gpt2bpetokenizer": GPT2BPETokenizer,
-    "spmtokenizer": SPMTokenizer,
-}
-"""NeoX `tokenizer_type`, lowercased -> implementation."""
+class HFGPT2Tokenizer(_TokenizersBacked):
+    """transformers' GPT2TokenizerFast, loaded as NeoX does: from a directory with vocab.json and
+    merges.txt (or tokenizer.json) or a Hub name ("gpt2" when vocab_file is unset, which needs the
+    network); "<|padding|>" is added as the pad token, so vocab_size is len(tokenizer) (50258 for
+    GPT-2's), and eod is the tokenizer's eos id. Text is encoded by its Rust backend, so a
+    "<|endoftext|>" in the text is one token, as with GPT2BPETokenizer."""
 
-NOT_IMPLEMENTED = ("HFGPT2Tokenizer", "CharLevelTokenizer", "TiktokenTokenizer")
-"""NeoX tokenizer types that neox-sophia does not provide."""
+    name = "HFGPT2Tokenizer"
+    file_keys = ("vocab_file",)
+    local_files = False
+
+    def __init__(self, vocab_file: str | os.PathLike | None):
+        transformers = _import_optional("transformers", self.name)
+        source = os.fspath(vocab_file) if vocab_file else "gpt2"
+        try:
+            hf = transformers.GPT2TokenizerFast.from_pretrained(source)
+        except Exception as err:  # OSError for a missing directory or an unreachable Hub
+            what = "a GPT-2 tokenizer (a directory with vocab.json and merges.txt, or a Hub name)"
+            raise _load_error("vocab_file", source, what, err) from err
+        hf.add_special_tokens({"pad_token": PAD_TOKEN})
+        self._backend = hf.backend_tokenizer
+        self._source = f"vocab_file={source!r}"
+        self._vocab_size = len(hf)
+        self._eod_id, self.pad_id = hf.eos_token_id, hf.pad_token_id
 
 
-def _tokenizer_class(tokenizer_type: str) -> Type[Tokenizer]:
+class TiktokenTokenizer(Tokenizer):
+    """An OpenAI tiktoken encoding named by vocab_file (tiktoken fetches it from the internet the
+    first time and caches it; TIKTOKEN_CACHE_DIR points at a cache for offline machines). eod is
+    the encoding's end-of-text token, vocab_size its n_vocab, no pad. Special-token text such as
+    "<|endoftext|>" is encoded as the special token (NeoX's batch path does so; its one-document
+    path raises instead)."""
+
+    name = "TiktokenTokenizer"
+    file_keys = ("vocab_file",)
+    local_files = False
+
+    def __init__(self, vocab_file: str | None):
+        tiktoken = _import_optional("tiktoken", self.name)
+        if not vocab_file:
+            raise ValueError(f"{self.name} needs vocab_file (a tiktoken encoding name such as cl100k_base), "
+                             f"which was not given")
+        try:
+            self._encoding = tiktoken.get_encoding(os.fspath(vocab_file))
+        except Exception as err:  # an unknown name, or no network and no cache
+            raise _load_error("vocab_file", vocab_file, "a tiktoken encoding name", err) from err
+        self._source = f"vocab_file={vocab_file!r}"
+        self._vocab_size = self._encoding.n_vocab
+        self._eod_id, self.pad_id = self._encoding.eot_token, None
+
+    def encode(self, text: str) -> List[int]:
+        return self._encoding.encode(text, allowed_special="all")
+
+    def encode_batch(self, texts: Iterable[str]) -> List[List[int]]:
+        return self._encoding.encode_batch(list(texts), allowed_special="all")
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._encoding.decode(list(ids))
+
+
+class CharLevelTokenizer(Tokenizer):
+    """NeoX's character-level tokenizer: the UTF-8 bytes of the text as ids, a vocabulary of 512,
+    eod 0 and pad 1 (the same ids as the bytes NUL and SOH, as in NeoX). decode() turns the byte
+    ids back into text (NeoX's maps each id to one character, which garbles non-ASCII text)."""
+
+    name = "CharLevelTokenizer"
+    file_keys = ()
+    local_files = False
+    VOCAB_SIZE = 512
+
+    def __init__(self):
+        self._vocab_size, self._eod_id, self.pad_id = self.VOCAB_SIZE, 0, 1
+        self._source = "no file"
+
+    def encode(self, text: str) -> List[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
+
+
+TOKENIZERS: Dict[str, Type[Tokenizer]] = {cls.name.lower(): cls for cls in (
+    HFTokenizer, GPT2BPETokenizer, SPMTokenizer, HFGPT2Tokenizer, TiktokenTokenizer, CharLevelTokenizer)}
+"""NeoX `tokenizer_type`, lowercased -> implementation (every type NeoX has)."""
+
+
+def tokenizer_class(tokenizer_type: str) -> Type[Tokenizer]:
+    """The implementation of NeoX's `tokenizer_type` (any case); ValueError with the closest name."""
     known = ", ".join(cls.name for cls in TOKENIZERS.values())
     if not isinstance(tokenizer_type, str) or not tokenizer_type:
         raise ValueError(f"tokenizer_type must be one of: {known} (got {tokenizer_type!r})")
     key = tokenizer_type.lower()
     if key in TOKENIZERS:
         return TOKENIZERS[key]
-    if key in {name.lower() for name in NOT_IMPLEMENTED}:
-        raise NotImplementedError(
-            f"tokenizer_type {tokenizer_type!r} is a GPT-NeoX tokenizer that neox-sophia does "
-            f"not implement; implemented: {known}"
-        )
     canonical = {cls.name.lower(): cls.name for cls in TOKENIZERS.values()}
-    canonical.update({name.lower(): name for name in NOT_IMPLEMENTED})
     close = difflib.get_close_matches(key, list(canonical), n=1, cutoff=0.6)
     hint = f"; did you mean {canonical[close[0]]!r}?" if close else ""
     raise ValueError(f"unknown tokenizer_type {tokenizer_type!r}; known: {known}{hint}")
@@ -235,11 +326,27 @@ def build_tokenizer(
 
     Raises ValueError for an unknown type (with the closest known name) or a required file that
     was not given, FileNotFoundError naming the key and path for a missing file, and
-    NotImplementedError for NeoX types neox-sophia does not provide.
+    MissingDependency when the type's optional package is not installed.
     """
-    cls = _tokenizer_class(tokenizer_type)
+    cls = tokenizer_class(tokenizer_type)
     files = {"vocab_file": vocab_file, "merge_file": merge_file}
     for key, path in files.items():
         if key not in cls.file_keys and path is not None:
             warnings.warn(f"{key} is not used by {cls.name}; ignoring {os.fspath(path)!r}")
     return cls(*(files[key] for key in cls.file_keys))
+
+
+TOKENIZER_ERRORS = (ValueError, OSError, MissingDependency)
+"""What build_tokenizer raises for a bad tokenizer setting; each message is one line."""
+
+
+def build_tokenizer_or_refuse(data) -> Tokenizer:
+    """build_tokenizer for a DataConfig; a bad setting becomes a one-line ConfigError."""
+    from neox_sophia.config.base import ConfigError
+
+    try:
+        return build_tokenizer(data.tokenizer_type, data.vocab_file, data.merge_file)
+    except TOKENIZER_ERRORS as err:
+        message = str(err)
+        key = next((k for k in ("merge_file", "vocab_file") if k in message), "tokenizer_type")
+        raise ConfigError(message if message.startswith(key) else f"{key}: {message}", key) from None

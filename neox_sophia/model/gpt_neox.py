@@ -7,7 +7,7 @@ definition of the model.
 """
 from __future__ import annotations
 
-from typing import List
+from typing import Dict, List, Tuple
 
 import torch
 from torch import nn
@@ -97,3 +97,29 @@ def full_state_dict(module: nn.Module) -> dict:
         else:
             out[name] = param.detach().clone()
     return out
+
+
+def parameter_shapes(cfg: ModelConfig, vocab_size: int) -> Dict[str, Tuple[int, ...]]:
+    """Every global parameter name of the model ``cfg`` describes, with its full shape, in model
+    order (what build_blocks makes; tests check the two agree)."""
+    h, f = cfg.hidden_size, cfg.ffn_hidden_size
+    norm = ("weight",) if cfg.norm == "rmsnorm" else ("weight", "bias")
+    shapes: Dict[str, Tuple[int, ...]] = {"embed_in.weight": (vocab_size, h)}
+    qkv = (cfg.num_attention_heads + 2 * cfg.kv_heads) * cfg.head_dim
+    mlp = ([("gate_proj", (f, h)), ("up_proj", (f, h)), ("down_proj", (h, f))] if cfg.gated
+           else [("dense_h_to_4h", (f, h)), ("dense_4h_to_h", (h, f))])
+    for i in range(cfg.num_layers):
+        p = f"layers.{i}."
+        for layer_norm in ("input_layernorm", "post_attention_layernorm"):
+            shapes.update({f"{p}{layer_norm}.{kind}": (h,) for kind in norm})
+        linears = [("attention.query_key_value", (qkv, h), cfg.use_bias_in_attn_linear),
+                   ("attention.dense", (h, h), cfg.use_bias_in_attn_linear)]
+        linears += [(f"mlp.{name}", shape, cfg.use_bias_in_mlp) for name, shape in mlp]
+        for name, shape, bias in linears:
+            shapes[f"{p}{name}.weight"] = shape
+            if bias:
+                shapes[f"{p}{name}.bias"] = shape[:1]
+    shapes.update({f"final_layer_norm.{kind}": (h,) for kind in norm})
+    if cfg.no_weight_tying:
+        shapes["embed_out.weight"] = (vocab_size, h)
+    return shapes

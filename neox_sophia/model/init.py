@@ -1,4 +1,4 @@
-"""Layout-invariant weight initialization (DESIGN.md, invariant 2).
+"""Layout-invariant weight initialization (docs/design.md, invariant 2).
 
 Every weight is a function of (seed, its global name): the full tensor is drawn from a generator
 keyed by both, initialized with NeoX's init method for that role, and this rank keeps its TP

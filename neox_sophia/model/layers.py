@@ -3,7 +3,9 @@
 Activations are [batch, seq, hidden] and replicated across TP ranks between blocks; the QKV and
 MLP-in projections are column-parallel (each rank holds whole heads / a slice of the MLP), the
 attention-out and MLP-out projections row-parallel (their output is all-reduced, then the bias
-is added once). Module and parameter names follow Hugging Face's GPTNeoX, so a parameter's
+is added once). The LLaMA-family choices of NeoX configs (RMSNorm, a gated MLP, grouped-query
+attention, sliding windows) are options of the same blocks (model/components.py). Module and
+parameter names follow Hugging Face's GPTNeoX (LlamaMLP's for the gated MLP), so a parameter's
 global name ("layers.3.attention.query_key_value.weight") is both its init key and its export
 name.
 """
@@ -14,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from neox_sophia.config.model import ModelConfig
+from neox_sophia.model.components import ACTIVATIONS, GATED_ACTIVATIONS, make_norm
 
 
 def _no_init(_weight):  # weights are initialized by neox_sophia.model.init, layout-invariantly
@@ -65,55 +68,104 @@ class RotaryEmbedding(nn.Module):
 
 
 class ParallelAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, mp_config, tp_size: int):
+    """Causal self-attention with num_kv_heads key/value heads (grouped-query when fewer than the
+    query heads; each group of heads // num_kv_heads consecutive query heads shares one, as in NeoX
+    and HF). QKV rows are grouped per key/value head, [kv_heads, heads/kv_heads + 2, head_dim]:
+    the group's query heads, then its key, then its value. With one query head per group (MHA)
+    that is NeoX's and HF GPTNeoX's [heads, 3, head_dim]; for any grouping a contiguous
+    column-parallel shard holds whole groups, so the global tensor is the same at every TP size
+    (NeoX's own GQA rows are [q | k | v] per TP rank, which the checkpoint converters reorder)."""
+
+    def __init__(self, cfg: ModelConfig, mp_config, tp_size: int, window: int | None = None):
         from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
         super().__init__()
-        if cfg.num_attention_heads % tp_size:
-            raise ValueError(f"num_attention_heads {cfg.num_attention_heads} is not divisible by "
-                             f"model_parallel_size {tp_size}")
-        self.heads = cfg.num_attention_heads // tp_size
+        for key, heads in (("num_attention_heads", cfg.num_attention_heads), ("num_kv_heads", cfg.kv_heads)):
+            if heads % tp_size:
+                raise ValueError(f"{key} {heads} is not divisible by model_parallel_size {tp_size}")
+        self.kv_heads = cfg.kv_heads // tp_size
+        self.group = cfg.num_attention_heads // cfg.kv_heads  # query heads per key/value head
         self.head_dim = cfg.head_dim
         self.dropout = cfg.attention_dropout
+        self.window = window
         h = cfg.hidden_size
-        # Output rows per head: [q, k, v] (NeoX's and HF's [heads, 3, head_dim] layout), so a
-        # contiguous column-parallel shard holds whole heads.
+        qkv_width = (cfg.num_attention_heads + 2 * cfg.kv_heads) * cfg.head_dim
         self.query_key_value = ColumnParallelLinear(
-            h, 3 * h, config=mp_config, init_method=_no_init, bias=cfg.use_bias_in_attn_linear,
+            h, qkv_width, config=mp_config, init_method=_no_init, bias=cfg.use_bias_in_attn_linear,
             gather_output=False, tp_group=tp_group())
         self.dense = RowParallelLinear(
             h, h, config=mp_config, init_method=_no_init, bias=cfg.use_bias_in_attn_linear,
             input_is_parallel=True, skip_bias_add=False, tp_group=tp_group())
         self.rotary = RotaryEmbedding(cfg.rotary_ndims, cfg.rotary_emb_base)
 
+    def _window_mask(self, s: int, device) -> torch.Tensor | None:
+        """NeoX's sliding window (flash-attn window_size=(w, -1) with causal=True): a query at i
+        sees keys i - w .. i. None when the window covers the whole sequence (plain causal)."""
+        if self.window is None or self.window >= s - 1:
+            return None
+        i = torch.arange(s, device=device)
+        distance = i[:, None] - i[None, :]
+        return (distance >= 0) & (distance <= self.window)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         qkv, _ = self.query_key_value(x)
         b, s, _ = qkv.shape
-        q, k, v = qkv.view(b, s, self.heads, 3 * self.head_dim).transpose(1, 2).split(self.head_dim, -1)
+        qkv = qkv.view(b, s, self.kv_heads, self.group + 2, self.head_dim)
+        q = qkv[:, :, :, :self.group].reshape(b, s, self.kv_heads * self.group, self.head_dim).transpose(1, 2)
+        k, v = qkv[:, :, :, self.group].transpose(1, 2), qkv[:, :, :, self.group + 1].transpose(1, 2)
         q, k = self.rotary(q, k)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                             dropout_p=self.dropout if self.training else 0.0)
-        out, _ = self.dense(out.transpose(1, 2).reshape(b, s, self.heads * self.head_dim))
+        mask = self._window_mask(s, x.device)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                             dropout_p=self.dropout if self.training else 0.0,
+                                             enable_gqa=self.group > 1)
+        out, _ = self.dense(out.transpose(1, 2).reshape(b, s, self.kv_heads * self.group * self.head_dim))
         return out
 
 
 class ParallelMLP(nn.Module):
+    """dense_4h_to_h(act(dense_h_to_4h(x))): GPT-NeoX's MLP (HF GPTNeoX's names)."""
+
     def __init__(self, cfg: ModelConfig, mp_config):
         from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
         super().__init__()
         self.dense_h_to_4h = ColumnParallelLinear(
             cfg.hidden_size, cfg.ffn_hidden_size, config=mp_config, init_method=_no_init,
-            bias=True, gather_output=False, tp_group=tp_group())
+            bias=cfg.use_bias_in_mlp, gather_output=False, tp_group=tp_group())
         self.dense_4h_to_h = RowParallelLinear(
             cfg.ffn_hidden_size, cfg.hidden_size, config=mp_config, init_method=_no_init,
-            bias=True, input_is_parallel=True, skip_bias_add=False, tp_group=tp_group())
-        # NeoX's bias_gelu_fusion computes the tanh approximation (Pythia was trained so).
-        self.approximate = "tanh" if cfg.bias_gelu_fusion else "none"
+            bias=cfg.use_bias_in_mlp, input_is_parallel=True, skip_bias_add=False, tp_group=tp_group())
+        self.activation = ACTIVATIONS[cfg.activation](cfg)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out, _ = self.dense_h_to_4h(x)
-        out, _ = self.dense_4h_to_h(F.gelu(out, approximate=self.approximate))
+        out, _ = self.dense_4h_to_h(self.activation(out))
+        return out
+
+
+class ParallelGatedMLP(nn.Module):
+    """down_proj(act(gate_proj(x)) * up_proj(x)): the gated MLP of NeoX's swiglu/geglu/reglu
+    activations and of HF's LlamaMLP (whose names these are). NeoX fuses gate and up into one
+    linear1 whose rows are [up | gate] on each TP rank; two column-parallel matrices hold the
+    same weights with a layout that does not depend on the TP size."""
+
+    def __init__(self, cfg: ModelConfig, mp_config):
+        from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+        super().__init__()
+        h, width = cfg.hidden_size, cfg.ffn_hidden_size
+        for name in ("gate_proj", "up_proj"):
+            setattr(self, name, ColumnParallelLinear(h, width, config=mp_config, init_method=_no_init,
+                                                     bias=cfg.use_bias_in_mlp, gather_output=False,
+                                                     tp_group=tp_group()))
+        self.down_proj = RowParallelLinear(width, h, config=mp_config, init_method=_no_init, bias=cfg.use_bias_in_mlp,
+                                           input_is_parallel=True, skip_bias_add=False, tp_group=tp_group())
+        self.activation = GATED_ACTIVATIONS[cfg.activation]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, _ = self.gate_proj(x)
+        up, _ = self.up_proj(x)
+        out, _ = self.down_proj(self.activation(gate) * up)
         return out
 
 
@@ -126,10 +178,10 @@ class TransformerLayer(nn.Module):
         self.param_prefix = f"layers.{layer_number}."
         self.gpt_j_residual = cfg.gpt_j_residual
         self.checkpoint = cfg.checkpoint_activations
-        self.input_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
-        self.post_attention_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
-        self.attention = ParallelAttention(cfg, mp_config, tp_size)
-        self.mlp = ParallelMLP(cfg, mp_config)
+        self.input_layernorm = make_norm(cfg)
+        self.post_attention_layernorm = make_norm(cfg)
+        self.attention = ParallelAttention(cfg, mp_config, tp_size, window=cfg.sliding_window(layer_number))
+        self.mlp = ParallelGatedMLP(cfg, mp_config) if cfg.gated else ParallelMLP(cfg, mp_config)
         self.hidden_dropout = nn.Dropout(cfg.hidden_dropout)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -168,7 +220,7 @@ class FinalNorm(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.final_layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
+        self.final_layer_norm = make_norm(cfg)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.final_layer_norm(x)
@@ -227,8 +279,13 @@ TENSOR_PARALLEL_DIMS = (
     ("attention.query_key_value.bias", 0),
     ("mlp.dense_h_to_4h.weight", 0),            # ColumnParallelLinear
     ("mlp.dense_h_to_4h.bias", 0),
+    ("mlp.gate_proj.weight", 0),                # ColumnParallelLinear (gated MLP)
+    ("mlp.gate_proj.bias", 0),
+    ("mlp.up_proj.weight", 0),                  # ColumnParallelLinear (gated MLP)
+    ("mlp.up_proj.bias", 0),
     ("attention.dense.weight", 1),              # RowParallelLinear (its bias is replicated)
     ("mlp.dense_4h_to_h.weight", 1),            # RowParallelLinear (its bias is replicated)
+    ("mlp.down_proj.weight", 1),                # RowParallelLinear (its bias is replicated)
 )
 
 
@@ -250,7 +307,7 @@ def init_std_for(name: str, cfg: ModelConfig) -> float | None:
         return None
     if "layernorm" in name or "layer_norm" in name:
         return None
-    if name.endswith(("attention.dense.weight", "mlp.dense_4h_to_h.weight")):
+    if name.endswith(("attention.dense.weight", "mlp.dense_4h_to_h.weight", "mlp.down_proj.weight")):
         return init_std(cfg, cfg.output_layer_init_method, "output_layer_init_method")
     return init_std(cfg, cfg.init_method, "init_method")
 
@@ -287,5 +344,5 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor 
 
 
 __all__ = ["Embedding", "TransformerLayer", "FinalNorm", "OutputLayer", "ParallelAttention",
-           "ParallelMLP", "RotaryEmbedding", "initialize_block", "mark_tensor_parallel", "lm_loss", "tied_output",
+           "ParallelMLP", "ParallelGatedMLP", "RotaryEmbedding", "initialize_block", "mark_tensor_parallel", "lm_loss", "tied_output",
            "megatron_config", "tensor_parallel_dim", "TENSOR_PARALLEL_DIMS"]

@@ -5,8 +5,18 @@ output, take the mean cross entropy against y; the gradient g_s of that loss giv
 E[B * g_s*g_s] = diag of the Gauss-Newton matrix of the mean loss over B tokens. The optimizer's
 update_hessian() then folds g_s*g_s into the EMA, and bs=B in the update supplies the factor B.
 
-Hutchinson (Sophia-H): u*(H u) with Rademacher u; E[u*(Hu)] = diag(H). Needs a double
-backward, so single process without activation checkpointing only.
+Hutchinson (Sophia-H): u*(H u) with Rademacher u; E[u*(Hu)] = diag(H) of the loss itself (the
+mean loss: no batch factor, so the update's bs is 1). Two ways to get H u:
+- ``hutchinson``: the exact product by double backward (a single process, every op twice
+  differentiable);
+- ``hutchinson_fd``: central differences of the gradient, (g(theta + e*u) - g(theta - e*u)) / (2e),
+  first-order backward only. This is what the trainer runs: megatron-core's tensor-parallel
+  functions all-reduce outside autograd and its vocab-parallel cross entropy has a backward
+  that builds no graph, so a double backward through them would be wrong or would silently drop
+  the cross entropy's own curvature; a first-order backward is exact through every layer,
+  tensor parallelism, ZeRO and activation checkpointing. Error: O(e^2) from third derivatives
+  plus fp32 rounding ~ eps_mach * |g| / e (tests/test_hessian_estimators.py checks the sum against an
+  exact double backward).
 
 Labels are drawn by inverse CDF from one uniform number per token. The uniforms are an input,
 so a caller that owns them (the vocab-parallel sampler, keyed by seed, step and global token
@@ -14,7 +24,8 @@ position) gets the same labels at any tensor-parallel size.
 """
 from __future__ import annotations
 
-from typing import List, NamedTuple, Optional, Sequence
+from contextlib import contextmanager
+from typing import Callable, Iterator, List, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -82,6 +93,76 @@ def hutchinson(loss: Tensor, params: Sequence[Tensor],
     return [by_param.get(id(p), torch.zeros_like(p)) for p in params]
 
 
-# The YAML names optimizer.params.estimator accepts -> their functions. The trainer runs "gnb"
-# (through the vocab-parallel sampler) and refuses the others at setup.
-ESTIMATORS = {"gnb": gnb_loss, "hutchinson": hutchinson}
+
+# ------------------------------------------------------------------ Hutchinson by central differences
+@contextmanager
+def central_differences(params: Sequence[Tensor], probes: Sequence[Tensor], fd_eps: float
+                        ) -> Iterator[Callable[[int], None]]:
+    """Within the block, ``shift(sign)`` sets every parameter to theta + sign*fd_eps*u in place
+    (theta: its value on entry, u: its probe) and puts the random number generators back where
+    they were on entry, so that both evaluations draw the same dropout masks; on exit the
+    parameters are theta again, bit for bit (restored from a copy, not by subtracting)."""
+    params = list(params)
+    saved = [p.detach().clone() for p in params]
+    rng = _rng_state()
+
+    @torch.no_grad()
+    def shift(sign: int) -> None:
+        for p, theta, u in zip(params, saved, probes):
+            p.copy_(theta).add_(u, alpha=sign * fd_eps)
+        _set_rng_state(rng)
+
+    try:
+        yield shift
+    finally:
+        with torch.no_grad():
+            for p, theta in zip(params, saved):
+                p.copy_(theta)
+
+
+def _rng_state() -> tuple:
+    return torch.get_rng_state(), (torch.cuda.get_rng_state() if torch.cuda.is_available() else None)
+
+
+def _set_rng_state(state: tuple) -> None:
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda)
+
+
+def hutchinson_fd(loss_fn: Callable[[], Tensor], params: Sequence[Tensor], probes: Sequence[Tensor],
+                  fd_eps: float) -> List[Tensor]:
+    """u*(H u) per parameter with Hu from central differences of the gradient (first-order
+    backward only): Hu ~ (g(theta + e*u) - g(theta - e*u)) / (2e), e = ``fd_eps``.
+
+    ``loss_fn()`` computes the loss at the current parameters (called twice, with the same random
+    state); ``probes`` holds one +-1 tensor per parameter. The parameters end bit for bit as they
+    began. Parameters that do not influence the loss get a zero estimate."""
+    params, probes = list(params), list(probes)
+    grads = []
+    with central_differences(params, probes, fd_eps) as shift:
+        for sign in (1, -1):
+            shift(sign)
+            grads.append(torch.autograd.grad(loss_fn(), params, allow_unused=True))
+    return [torch.zeros_like(p) if plus is None else u * (plus - minus) / (2 * fd_eps)
+            for p, u, plus, minus in zip(params, probes, *grads)]
+
+
+class Estimator(NamedTuple):
+    function: Callable
+    batch_factor: bool
+    """Whether the estimate folded into h lacks the Hessian batch's token count B, which the
+    update's ``bs`` then supplies: GNB folds g_s*g_s with E[B*g_s*g_s] = the Gauss-Newton diagonal
+    of the mean loss; Hutchinson folds u*Hu, the diagonal itself (bs = 1)."""
+    pipeline: bool
+    """Whether the trainer runs it under the PipelineEngine (pipe_parallel_size >= 1)."""
+    precisions: tuple
+    """The precisions the trainer runs it in."""
+
+
+# The YAML names optimizer.params.estimator accepts. The trainer runs "gnb" (labels from the
+# vocab-parallel sampler) and "hutchinson" (central differences: a perturbation of 1e-4 would
+# drown in bf16/fp16 rounding, and the PipelineEngine owns its forward/backward schedule).
+ESTIMATORS = {"gnb": Estimator(gnb_loss, batch_factor=True, pipeline=True, precisions=("fp32", "bfloat16", "fp16")),
+              "hutchinson": Estimator(hutchinson_fd, batch_factor=False, pipeline=False, precisions=("fp32",))}

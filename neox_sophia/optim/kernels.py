@@ -3,7 +3,7 @@
 Everything here is per coordinate, so the result for a coordinate does not depend on which
 tensor holds it, how tensors are split or flattened (ZeRO hands over one flat fp32 partition),
 or how many processes share the model. That is what lets the optimizer stay blind to TP, PP
-and ZeRO (DESIGN.md, invariant 1).
+and ZeRO (docs/design.md, invariant 1).
 
 Speed. Each ``torch._foreach_*`` call is one pass over memory. Sophia needs ~11 such passes,
 which over a whole model is bandwidth-bound and slower than AdamW. Instead the tensors are cut

@@ -59,7 +59,7 @@ class AnnealingLR:
     def _apply(self) -> None:
         lr = self.schedule.lr_at(self.num_iters)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # lr_scale: e.g. the AdamW groups of a split Sophia
 
     def step(self, step: int | None = None) -> None:
         self.num_iters = self.num_iters + 1 if step is None else step
@@ -68,7 +68,7 @@ class AnnealingLR:
     def get_lr(self) -> float:
         return self.schedule.lr_at(self.num_iters)
 
-    def get_last_lr(self) -> List[float]:
+    def get_last_lr(self) -> List[float]:  # per group: the schedule's lr times the group's lr_scale
         return [group["lr"] for group in self.optimizer.param_groups]
 
     def state_dict(self) -> dict:

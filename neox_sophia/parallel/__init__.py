@@ -1,1 +1,1 @@
-"""Everything that knows about process groups: the TP x PP x DP grid, label sampling."""
+"""Everything that knows about process groups: the TP x PP x DP grid, label sampling, Hutchinson probes."""

@@ -22,15 +22,20 @@ import torch
 import torch.distributed as dist
 
 from neox_sophia.config.neox import NeoXConfig
+from neox_sophia.convert.neox import is_neox_checkpoint
 from neox_sophia.data.datasets import sample_indices
 from neox_sophia.parallel.topology import tensor_parallel_group
 from neox_sophia.training import checkpoint as ckpt
 from neox_sophia.training.checkpoint import is_universal
+from neox_sophia.training.finetune import load_weights_only, neox_needs_weights_only, weights_only
 from neox_sophia.training.lifecycle import StopSignals, log, signal_name
 from neox_sophia.training.metrics import Metrics, Progress
+from neox_sophia.training.preflight import refuse_untrainable
+from neox_sophia.training.sophia_groups import refresh_hessian_floors, statistics_record
 from neox_sophia.training.startup import clock as startup
 from neox_sophia.training.steps import (collate, evaluate, hessian_uniforms, pipeline_hessian_step,
-                                        pipeline_train_step, plain_hessian_step, plain_train_step)
+                                        pipeline_train_step, plain_hessian_step, plain_hutchinson_step,
+                                        plain_train_step)
 
 
 class TrainingError(RuntimeError):
@@ -77,6 +82,15 @@ class Run:
                                                                             lay.micro_batch_size, micro_steps)],
                         self.device) for m in range(micro_steps)]
 
+    def eval_micro_batches(self, evaluation: int) -> list:
+        """This rank's share of validation pass ``evaluation``: eval_iters batches of
+        train_batch_size sequences, as NeoX counts them (its evaluate() runs
+        gradient_accumulation_steps micro-batches per eval iteration on every data-parallel
+        rank); pass p reads the validation samples right after pass p-1's, as NeoX's iterator."""
+        lay = self.layout
+        return self.micro_batches(self.valid_data, evaluation,
+                                  self.cfg.logging.eval_iters * lay.gradient_accumulation_steps)
+
     def micro_batches(self, dataset, step: int, grad_accum: int) -> list:
         lay, g = self.layout, self.grid
         return [collate(dataset, sample_indices(step, m, g.dp_rank, lay.dp, lay.micro_batch_size, grad_accum),
@@ -95,10 +109,11 @@ def _device() -> torch.device:
 def setup(cfg: NeoXConfig) -> Run:
     import deepspeed
 
-    from neox_sophia.data.tokenizers import build_tokenizer
+    from neox_sophia.data.tokenizers import build_tokenizer_or_refuse
     from neox_sophia.model import build_model
     from neox_sophia.model.compile import apply_compile
-    from neox_sophia.optim.factory import build_optimizer, weight_decay_groups
+    from neox_sophia.model.gpt_neox import global_named_parameters
+    from neox_sophia.optim.groups import role_groups
     from neox_sophia.optim.schedules import AnnealingLR
     from neox_sophia.parallel.topology import MegatronMPU, init_distributed, initialize_model_parallel
 
@@ -108,23 +123,11 @@ def setup(cfg: NeoXConfig) -> Run:
     layout = cfg.layout(dist.get_world_size())
     if cfg.training.train_iters is None:
         raise TrainingError("train_iters: not set; say how many optimizer steps to train")
-    if cfg.optimizer.type == "sophia" and cfg.optimizer.params["estimator"] != "gnb":
-        raise TrainingError(f"optimizer.params.estimator: the trainer implements 'gnb' (Sophia-G); "
-                            f"'{cfg.optimizer.params['estimator']}' needs a double backward and is available "
-                            f"for single-process use as neox_sophia.optim.hessian.hutchinson")
-    if cfg.engine.resolved_precision == "fp16" and cfg.engine.zero_stage == 0:
-        # DeepSpeed 0.19's engine.backward() applies the loss scale only for ZeRO optimizers, but
-        # its non-ZeRO fp16 optimizers divide the gradients by it all the same (deepspeedai/
-        # DeepSpeed PR #8393, open): every gradient would reach Sophia loss_scale times too small
-        # (measured: 65536x), which Sophia, unlike Adam, is not invariant to.
-        raise TrainingError("zero_optimization: fp16 needs ZeRO stage 1 or 2 with this DeepSpeed: at stage 0 "
-                            "it never applies the loss scale but still divides the gradients by it "
-                            "(deepspeedai/DeepSpeed PR #8393); set zero_optimization.stage to 1 (it works "
-                            "with pipe parallelism too), or use bf16")
+    refuse_untrainable(cfg, layout.world_size)  # what `plan` refuses too (training/preflight.py)
     grid = initialize_model_parallel(cfg.parallel.model_parallel_size, cfg.parallel.pipeline_stages)
     startup.mark("distributed")
     data = cfg.data
-    tokenizer = build_tokenizer(data.tokenizer_type, data.vocab_file, data.merge_file)
+    tokenizer = build_tokenizer_or_refuse(data)
     padded = cfg.padded_vocab_size(tokenizer.vocab_size)
     startup.mark("tokenizer")
     torch.manual_seed(cfg.training.seed)
@@ -132,8 +135,12 @@ def setup(cfg: NeoXConfig) -> Run:
     apply_compile(model, cfg.performance.compile_model, device)
     _count_replicated_once_per_stage(model, grid)
     startup.mark("model")
-    bs = cfg.hessian_tokens(layout.world_size) if cfg.optimizer.type == "sophia" else None
-    optimizer = build_optimizer(cfg.optimizer.optimizer, weight_decay_groups(model, cfg.optimizer.weight_decay), bs=bs)
+    bs = cfg.hessian_tokens(layout.world_size) if cfg.hessian_interval else None
+    params = cfg.optimizer.params
+    groups = role_groups(global_named_parameters(model), cfg.optimizer.weight_decay,
+                         embedding_weight_decay=cfg.optimizer.embedding_weight_decay,
+                         overrides=params.group_overrides())
+    optimizer = params.build(groups, bs)
     # A PipelineModule brings its own grid; a plain module gets megatron-core's groups.
     mpu = None if cfg.parallel.pipe_parallel_size >= 1 else MegatronMPU()
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, mpu=mpu,
@@ -154,7 +161,7 @@ def _datasets(cfg: NeoXConfig, layout, tokenizer):
     hessian_samples = (t.train_iters // interval + 1) * cfg.hessian_batch(layout.world_size)[0] if interval else 0
     evals = t.train_iters // cfg.logging.eval_interval + 1
     num_samples = (t.train_iters * layout.train_batch_size + hessian_samples,
-                   evals * cfg.logging.eval_iters * layout.micro_batch_size * layout.dp, 0)
+                   evals * cfg.logging.eval_iters * layout.train_batch_size, 0)  # NeoX's count
     train, valid, _ = build_datasets(cfg.data, seq_length=cfg.model.seq_length, seed=t.seed,
                                      num_samples=num_samples, tokenizer=tokenizer)
     if train is None:
@@ -165,14 +172,20 @@ def _datasets(cfg: NeoXConfig, layout, tokenizer):
 
 def _resume(run: Run) -> tuple:
     """(step, non-finite steps so far) from `load`, or (0, 0) for a fresh start. `load` is a
-    checkpoint directory saved at this run's layout, or a universal checkpoint (any layout)."""
+    checkpoint directory saved at this run's layout, or a universal checkpoint (any layout); with
+    finetune / no_load_optim, weights only from any of those or from a GPT-NeoX checkpoint."""
     cfg = run.cfg.checkpoint
     if not cfg.load:
         return 0, 0
     fresh = not os.path.isdir(cfg.load) or not os.listdir(cfg.load)
     if fresh and cfg.load == cfg.save:  # the first run of a resumable setup
         return 0, 0
-    if is_universal(cfg.load):
+    if weights_only(cfg):  # NeoX's finetune / no_load_optim (training/finetune.py)
+        state = load_weights_only(run, cfg.load)
+        where = state["where"]
+    elif is_neox_checkpoint(cfg.load):
+        raise TrainingError(neox_needs_weights_only(cfg.load))
+    elif is_universal(cfg.load):
         state = _load_universal(run, cfg.load)
         where = cfg.load
     else:
@@ -181,6 +194,7 @@ def _resume(run: Run) -> tuple:
         where = os.path.join(cfg.load, tag)
     if "scheduler" in state:  # absent in a checkpoint converted from Hugging Face: the schedule starts
         run.scheduler.load_state_dict(state["scheduler"])
+    refresh_hessian_floors(run.optimizer)  # a universal checkpoint carries h, not the floors
     log.info("resumed from %s at step %d", where, state["step"])
     if dist.get_rank() == 0:
         print(f"neox-sophia: resumed from {where} at step {state['step']}", flush=True)
@@ -191,7 +205,9 @@ def _layout_record(run: Run) -> Dict[str, object]:
     """What a checkpoint's files depend on: a DeepSpeed checkpoint resumes only at the same."""
     return {"model_parallel_size": run.layout.tp, "pipe_parallel_size": run.cfg.parallel.pipe_parallel_size,
             "data_parallel_size": run.layout.dp, "zero_stage": run.cfg.engine.zero_stage,
-            "precision": run.cfg.engine.resolved_precision}
+            "precision": run.cfg.engine.resolved_precision,
+            # optimizer param groups, one per parameter role (earlier versions: two, by weight decay)
+            "param_groups": "by_role"}
 
 
 def _check_layout(run: Run, directory: str) -> None:
@@ -217,18 +233,6 @@ def _load_universal(run: Run, directory: str) -> Dict[str, object]:
                             f"optimizer is {run.cfg.optimizer.type}")
     load_universal_into(run.engine, run.optimizer, checkpoint, directory)
     return {**checkpoint.client_state, "step": checkpoint.step}
-
-
-def _sophia_statistics(run: Run) -> Dict[str, float]:
-    from neox_sophia.optim.sophia import Sophia, SophiaStatistics
-
-    if not isinstance(run.optimizer, Sophia):
-        return {"clip_frac": None, "win_rate": None}
-    sums = run.optimizer.statistics_sums()
-    if dist.get_world_size() > 1:
-        dist.all_reduce(sums)  # ratios are right whether the state is sharded or replicated
-    stats = SophiaStatistics.from_sums(sums)
-    return {"clip_frac": stats.clip_frac, "win_rate": stats.win_rate}
 
 
 def _should_save(cfg: NeoXConfig, step: int) -> bool:
@@ -259,13 +263,35 @@ def _one_step(run: Run, step: int, result: RunResult) -> bool:
     result.grad_norm = _grad_norm(run.engine)  # before the Hessian step clips its own gradient
     k = run.cfg.hessian_interval
     if k and step % k == k - 1:
-        hessian = run.hessian_micro_batches(step // k)
-        u = hessian_uniforms(cfg.training.seed, step // k, hessian, cfg.model.seq_length)
-        fn = pipeline_hessian_step if run.pipeline else plain_hessian_step
-        fn(run.engine, run.optimizer, hessian, u, run.vocab_size, tensor_parallel_group())
+        HESSIAN_REFRESHES[cfg.optimizer.params.estimator](run, step // k)
+        refresh_hessian_floors(run.optimizer)
         result.hessian_updates += 1
     result.train_loss[step + 1] = outcome.loss
     return outcome.finite
+
+
+def _gnb_refresh(run: Run, refresh: int) -> None:
+    """Sophia-G: labels sampled from the model's softmax, keyed by global sample and position."""
+    batches = run.hessian_micro_batches(refresh)
+    uniforms = hessian_uniforms(run.cfg.training.seed, refresh, batches, run.cfg.model.seq_length)
+    step = pipeline_hessian_step if run.pipeline else plain_hessian_step
+    step(run.engine, run.optimizer, batches, uniforms, run.vocab_size, tensor_parallel_group())
+
+
+def _hutchinson_refresh(run: Run, refresh: int) -> None:
+    """Sophia-H: probes keyed by global parameter name and coordinate (the config refuses the
+    PipelineEngine and half precision for it)."""
+    from neox_sophia.model.gpt_neox import global_named_parameters
+    from neox_sophia.parallel.probes import parameter_probes
+
+    named = [(name, p) for name, p in global_named_parameters(run.engine.module) if p.requires_grad]
+    probes = parameter_probes(named, run.cfg.training.seed, refresh, run.grid.tp_rank, run.grid.tp_size)
+    plain_hutchinson_step(run.engine, run.optimizer, run.hessian_micro_batches(refresh), probes,
+                          run.cfg.optimizer.params.hutchinson_fd_eps)
+
+
+# optimizer.params.estimator -> the refresh the loop runs (the names of optim.hessian.ESTIMATORS)
+HESSIAN_REFRESHES = {"gnb": _gnb_refresh, "hutchinson": _hutchinson_refresh}
 
 
 def train_loop(run: Run, start_step: int = 0, nonfinite: int = 0,
@@ -296,10 +322,10 @@ def train_loop(run: Run, start_step: int = 0, nonfinite: int = 0,
                                     f"lower the lr (optimizer.params.lr) or raise rho, or resume from the last "
                                     f"checkpoint (max_nonfinite_steps={t.max_nonfinite_steps})")
             if step % cfg.logging.log_interval == 0 or step == t.train_iters:
-                record = {"step": step, "loss": result.train_loss[step], "lr": run.scheduler.get_last_lr()[0],
+                record = {"step": step, "loss": result.train_loss[step], "lr": run.scheduler.get_lr(),
                           "grad_norm": result.grad_norm, "hessian_update": hessian_update,
                           "elapsed_s": time.time() - began, "nonfinite_steps": result.nonfinite_steps,
-                          **_sophia_statistics(run)}
+                          **statistics_record(run.optimizer)}
                 record.update(progress.report(lay.train_batch_size * cfg.model.seq_length, t.train_iters - step,
                                               _pauses_to_come(run, step)))
                 metrics.train(record)
@@ -307,8 +333,7 @@ def train_loop(run: Run, start_step: int = 0, nonfinite: int = 0,
             if run.valid_data is not None and step % cfg.logging.eval_interval == 0:
                 with progress.pause("eval"):
                     p = step // cfg.logging.eval_interval
-                    loss = evaluate(run.engine, run.micro_batches(run.valid_data, p, cfg.logging.eval_iters),
-                                    run.pipeline)
+                    loss = evaluate(run.engine, run.eval_micro_batches(p), run.pipeline)
                 result.val_loss[step] = loss
                 metrics.eval(step, loss)
             saved = _should_save(cfg, step)

@@ -4,8 +4,12 @@ and Weights & Biases when use_wandb is true (and wandb is installed). Only rank 
 
 metrics.jsonl records:
     train: step, loss, lr, grad_norm, clip_frac, win_rate, hessian_update, tokens_per_s, elapsed_s,
-           eta_s, nonfinite_steps
+           eta_s, nonfinite_steps; with Sophia also groups: {role: {win_rate, clip_frac,
+           hessian_mean, hessian_rms, hessian_zero_frac, hessian_floor}} per parameter role
+           (embedding, output, attention, mlp, norms_biases; roles updated by AdamW are absent)
     eval:  step, val_loss
+
+TensorBoard and wandb get the same scalars, nested ones as train/groups/<role>/<name>.
 
 tokens_per_s counts training time only (``Progress``); the ETA adds the evals and checkpoint saves
 still to come, each at the duration last measured for it.
@@ -116,14 +120,12 @@ class Metrics:
         if self.file:
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
-        prefix = "eval" if "val_loss" in record else "train"
+        scalars = _scalars("eval" if "val_loss" in record else "train", record)
         if self.tensorboard:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self.tensorboard.add_scalar(f"{prefix}/{key}", value, record["step"])
+            for key, value in scalars.items():
+                self.tensorboard.add_scalar(key, value, record["step"])
         if self.wandb:
-            self.wandb.log({f"{prefix}/{k}": v for k, v in record.items() if k != "step" and v is not None},
-                           step=record["step"])
+            self.wandb.log(scalars, step=record["step"])
 
     def train(self, record: Dict[str, Any]) -> None:
         self.write(record, format_train_line(record, self.train_iters))
@@ -139,6 +141,20 @@ class Metrics:
             self.tensorboard.close()
         if self.wandb:
             self.wandb.finish()
+
+
+def _scalars(prefix: str, record: Dict[str, Any]) -> Dict[str, float]:
+    """prefix/key -> number for every numeric entry of ``record`` but step, nested dicts flattened
+    (groups.embedding.win_rate -> train/groups/embedding/win_rate); None and flags are left out."""
+    out: Dict[str, float] = {}
+    for key, value in record.items():
+        if key == "step":
+            continue
+        if isinstance(value, dict):
+            out.update(_scalars(f"{prefix}/{key}", value))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[f"{prefix}/{key}"] = value
+    return out
 
 
 def _start_wandb(logging_cfg, run_config: Optional[Dict[str, Any]]):

@@ -35,11 +35,11 @@ def tensor_parallel_slice(full: torch.Tensor, param: torch.nn.Parameter) -> torc
 def _initialize_state(engine, optimizer) -> None:
     """Create every optimizer-state tensor now (optimizers create it lazily at their first step)
     and let DeepSpeed link each parameter to its slices of it."""
+    if hasattr(optimizer, "initialize_state"):  # Sophia
+        optimizer.initialize_state()
     for group in optimizer.param_groups:
         for p in group["params"]:
-            if hasattr(optimizer, "_state_for"):  # Sophia
-                optimizer._state_for(p)
-            elif isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)) and not optimizer.state[p]:
+            if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)) and not optimizer.state[p]:
                 optimizer.state[p].update(step=torch.zeros((), dtype=torch.float32),
                                           exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
     link_optimizer_state(engine)
@@ -87,7 +87,19 @@ def load_universal_into(engine, optimizer, checkpoint, where: str) -> None:
                 raise CheckpointError(f"load: {where}: optimizer state '{key}' of '{name}' has no place in this "
                                       f"run's optimizer ({type(optimizer).__name__}); was it saved by another "
                                       f"optimizer type?")
+    _restore_group_state(optimizer, checkpoint.param_groups)
     applied = checkpoint.client_state.get("step", checkpoint.step) - checkpoint.client_state.get("nonfinite_steps", 0)
     for state in optimizer.state.values():
         if "step" in state and torch.is_tensor(state["step"]):
             state["step"].fill_(float(applied))
+
+
+def _restore_group_state(optimizer, saved_groups) -> None:
+    """Param-group entries the optimizer keeps as state (Sophia's refresh count), by group name."""
+    from neox_sophia.optim.sophia import GROUP_STATE_KEYS
+
+    saved = {g.get("name"): g for g in saved_groups or []}
+    for group in optimizer.param_groups:
+        for key in GROUP_STATE_KEYS:
+            if key in group and key in saved.get(group.get("name"), {}):
+                group[key] = saved[group["name"]][key]

@@ -1,6 +1,6 @@
 """One training step, one Sophia Hessian step and one evaluation, for both DeepSpeed engines.
 
-Data layout (DESIGN.md, invariant 2; neox_sophia.data.datasets.sample_indices): optimizer step s
+Data layout (docs/design.md, invariant 2; neox_sophia.data.datasets.sample_indices): optimizer step s
 consumes the global samples [s*B, (s+1)*B), B = train_batch_size. Which rank computes a sample
 changes with the layout; the set of samples in a step, and every sample's content and sampled
 labels, do not.
@@ -9,18 +9,20 @@ The Hessian step runs *through* the engine, so DeepSpeed reduces, unscales and c
 sampled-label gradient exactly like a training gradient, then calls the client optimizer's
 step(): `redirected_step` points that call at `update_hessian()` (or at nothing, to skip a step
 whose loss was not finite) and undoes the engine's step and sample counters afterwards. The LR
-schedule is ours and advances only on real steps.
+schedule is ours and advances only on real steps. Sophia-H's step (plain_hutchinson_step) goes
+through the same engine step, with clipping off: what it reduces is u * (H u), not a gradient.
 """
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Callable, Iterator, List
+from typing import Callable, Dict, Iterator, List
 
 import torch
 import torch.distributed as dist
 
 from neox_sophia.model.layers import lm_loss
+from neox_sophia.optim.hessian import central_differences
 from neox_sophia.parallel.sampling import label_uniforms, sampled_label_loss
 
 
@@ -57,8 +59,16 @@ def redirected_step(engine, client_optimizer, replacement: Callable[[], None],
             engine.global_steps, engine.global_samples, engine.micro_steps = steps, samples, micro
 
 
+def for_collective(value: torch.Tensor) -> torch.Tensor:
+    """``value`` where this rank's process group can reduce it: NCCL reduces CUDA tensors only,
+    and under CPU offload the optimizer's partitions (and what is computed from them) are on CPU."""
+    if value.device.type == "cpu" and dist.is_initialized() and dist.get_backend() == "nccl":
+        return value.to(torch.device("cuda", torch.cuda.current_device()))
+    return value
+
+
 def all_finite(value: torch.Tensor) -> bool:
-    flag = torch.isfinite(value.detach()).all().to(torch.float32).reshape(1)
+    flag = for_collective(torch.isfinite(value.detach()).all().to(torch.float32).reshape(1))
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item() == 1.0)
@@ -120,6 +130,72 @@ def plain_hessian_step(engine, client_optimizer, batches: List[MicroBatch], unif
             losses.append(loss.detach())
         with redirected_step(engine, client_optimizer, client_optimizer.update_hessian):
             engine.step()
+    finally:
+        engine.set_gradient_accumulation_boundary(None)  # back to DeepSpeed's own micro-step count
+    return float(torch.stack(losses).mean())
+
+
+@contextlib.contextmanager
+def gradient_clipping_off(engine) -> Iterator[None]:
+    """Within the block neither the engine (plain fp32) nor its ZeRO optimizer clips: what goes
+    through the engine there is not a gradient. Both settings are restored on exit."""
+    zero = engine.optimizer if hasattr(engine.optimizer, "clip_grad") else None
+    engine_clip, zero_clip = engine._config.gradient_clipping, zero.clip_grad if zero else None
+    engine._config.gradient_clipping = 0.0
+    if zero is not None:
+        zero.clip_grad = 0.0
+    try:
+        yield
+    finally:
+        engine._config.gradient_clipping = engine_clip
+        if zero is not None:
+            zero.clip_grad = zero_clip
+
+
+@contextlib.contextmanager
+def probe_hooks(probes: Dict[torch.nn.Parameter, torch.Tensor]) -> Iterator[Dict[str, float]]:
+    """While active, each parameter's incoming gradient g becomes scale * u * g (u: its probe),
+    before DeepSpeed accumulates or reduces it: a tensor hook runs before the parameter's
+    post-accumulate hooks, where the engines reduce. Yields the mutable {"scale": ...}."""
+    setting = {"scale": 0.0}
+    handles = [param.register_hook(lambda grad, u=u: grad.mul(u).mul_(setting["scale"]))
+               for param, u in probes.items()]
+    try:
+        yield setting
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def plain_hutchinson_step(engine, client_optimizer, batches: List[MicroBatch],
+                          probes: Dict[torch.nn.Parameter, torch.Tensor], fd_eps: float) -> float:
+    """Sophia-H's Hessian refresh on a plain module: u * (H u) of the training loss on
+    ``batches`` (true labels), H u by central differences of the gradient, through the engine.
+
+    Two passes over the Hessian batch, at theta + e*u and at theta - e*u (e = fd_eps, the same
+    dropout masks): a hook turns each rank's gradient g into +-u*g/(2e) before the engine reduces
+    it, so the gradient slot the engine hands the optimizer holds u * (g+ - g-) / (2e) averaged
+    over the data-parallel ranks: u * (H u) of the mean loss over the whole Hessian batch. The
+    optimizer folds it in as it is (update_hessian(square=False)), unclipped. The parameters are
+    theta again, bit for bit, before the engine steps (the ZeRO fp32 master partition is never
+    touched). Returns the mean loss of the two passes (the loss at theta, to O(e^2))."""
+    engine.train()
+    rescale = engine.gradient_accumulation_steps() / len(batches)
+    losses = []
+    try:
+        with gradient_clipping_off(engine):
+            with probe_hooks(probes) as hook, central_differences(list(probes), list(probes.values()),
+                                                                 fd_eps) as shift:
+                for sign in (1, -1):
+                    shift(sign)
+                    hook["scale"] = sign / (2 * fd_eps)
+                    for batch in batches:
+                        engine.set_gradient_accumulation_boundary(sign < 0 and batch is batches[-1])
+                        loss = lm_loss(engine(batch.tokens), batch.labels, batch.loss_mask)
+                        engine.backward(loss * rescale)
+                        losses.append(loss.detach())
+            with redirected_step(engine, client_optimizer, lambda: client_optimizer.update_hessian(square=False)):
+                engine.step()
     finally:
         engine.set_gradient_accumulation_boundary(None)  # back to DeepSpeed's own micro-step count
     return float(torch.stack(losses).mean())

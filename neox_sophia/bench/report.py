@@ -1,0 +1,213 @@
+"""The benchmark's result: one JSON per corpus x variant (AdamW's grid, the variant's Sophia grid,
+the best of each, the headline ratios, stability), reuse of an earlier AdamW grid
+(--adamw-from), and the markdown table over result files (--summarize)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+from neox_sophia.bench.curves import RISE, comparison, edges, final_loss, finite, stability
+
+REGIME = ("a tiny model on CPU cores: well under 10M parameters and a few thousand tokens per step; the "
+          "paper's regime is ~0.5M tokens per step at 125M+ parameters for 100k steps, which a CPU cannot "
+          "reach. This measures the small-scale regime only.")
+PATH_KEYS = ("data_path", "vocab_file", "log_dir", "save", "load", "train_data_paths", "valid_data_paths",
+             "test_data_paths")
+"""Config keys that name files: left out of the AdamW fingerprint (the corpus is compared by its
+manifest instead, so a corpus moved to another folder still matches)."""
+
+
+def best_of(optimizer: str, points: List[dict]) -> dict:
+    best = min(points, key=final_loss)
+    same_rho = [p for p in points if p.get("rho") == best.get("rho")]
+    at_edge = {"lr": edges(same_rho, best, "lr")}
+    if optimizer == "sophia":
+        at_edge["rho"] = edges([p for p in points if p["lr"] == best["lr"]], best, "rho")
+    return {"best": best, "at_edge": at_edge, "runs": len(points),
+            "diverged": [{"lr": p["lr"], **({"rho": p["rho"]} if "rho" in p else {})} for p in points if p["diverged"]]}
+
+
+def adamw_fingerprint(config_values: Dict, corpus: Optional[dict]) -> dict:
+    """What AdamW's grid is a function of besides its lrs: the whole config of an AdamW point at a
+    reference lr (files left out) and the corpus's recipe and size."""
+    config = {k: v for k, v in sorted(config_values.items()) if k not in PATH_KEYS}
+    corpus = corpus or {}
+    corpus_key = {k: corpus.get(k) for k in ("source", "recipe", "tokens", "documents")}
+    if corpus.get("recipe") is None:  # data from the config files: its path is all that names it
+        corpus_key["data_path"] = corpus.get("data_path")
+    return json.loads(json.dumps({"config": config, "corpus": corpus_key}, default=str))
+
+
+def check_adamw_from(path: str, fingerprint: dict) -> List[dict]:
+    """AdamW's points from an earlier result file, if it was made with the same corpus and
+    config; ValueError (one line naming what differs) otherwise."""
+    try:
+        earlier = json.loads(Path(path).read_text("utf-8"))
+        theirs, points = earlier["adamw_fingerprint"], earlier["runs"]["adamw"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"--adamw-from {path}: not a result file of this benchmark with an AdamW grid "
+                         f"({type(err).__name__}: {err})") from None
+    differ = [f"corpus.{k}" for k in fingerprint["corpus"] if theirs["corpus"].get(k) != fingerprint["corpus"][k]]
+    keys = sorted(set(theirs["config"]) | set(fingerprint["config"]))
+    differ += [k for k in keys if theirs["config"].get(k) != fingerprint["config"].get(k)]
+    if differ:
+        raise ValueError(f"--adamw-from {path}: made with another corpus or config (differs in: "
+                         f"{', '.join(differ[:8])}{' ...' if len(differ) > 8 else ''}); run AdamW here "
+                         f"(drop --adamw-from) or pass a result file of the same corpus and config")
+    return points
+
+
+def machine() -> dict:
+    import torch
+
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform()}
+    try:
+        import deepspeed
+
+        info["deepspeed"] = deepspeed.__version__
+    except Exception:  # noqa: BLE001 - informational only
+        pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["cuda"] = torch.version.cuda
+    try:
+        info["load_average_at_end"] = list(os.getloadavg())
+    except OSError:
+        pass
+    return info
+
+
+def notes_for(a: dict, s: dict, ratio: Optional[float], adamw_from: Optional[str]) -> List[str]:
+    notes = []
+    for name, summary in (("AdamW", a), ("Sophia", s)):
+        for knob, side in summary["at_edge"].items():
+            if side in ("lower", "upper"):
+                notes.append(f"{name}'s best {knob} ({summary['best'][knob]:g}) is at the {side} edge of its grid: "
+                             f"the optimum may lie beyond it")
+    if ratio is None:
+        notes.append("Sophia never reached AdamW's final validation loss within the run: the ratios are null")
+    if adamw_from:
+        notes.append(f"AdamW's grid was reused from {adamw_from} (same corpus and config), not re-trained")
+    return notes
+
+
+def result_of(context: dict, adamw: List[dict], variant: dict, sophia: List[dict]) -> dict:
+    """The result JSON of one corpus x variant. `context`: what every result of the invocation
+    shares (corpus, model, layout, schedule, grids, fingerprint, machine, ...)."""
+    a, s = best_of("adamw", adamw), best_of("sophia", sophia)
+    headline = comparison(a["best"], s["best"])
+    return {
+        "benchmark": "convergence: AdamW vs Sophia, each tuned on a grid by validation loss",
+        **context,
+        "variant": variant,
+        "runs": {"adamw": adamw, "sophia": sophia},
+        "best": {"adamw": a, "sophia": s},
+        "final_val_loss": {"adamw": final_loss(a["best"]), "sophia": final_loss(s["best"])},
+        **headline,
+        "stability": {"adamw": stability(adamw), "sophia": stability(sophia),
+                      "diverged_means": "training stopped on non-finite losses, or the final validation loss "
+                                        "is not finite or above the initial model's",
+                      "rose_at_end_means": "not diverged, but the final validation loss is more than "
+                                           f"{RISE} above the run's best"},
+        "train_seconds": {"adamw": a["best"]["train_seconds"], "sophia": s["best"]["train_seconds"]},
+        "notes": notes_for(a, s, headline["steps_to_adamw_final_loss_ratio"], context.get("adamw_from")),
+    }
+
+
+def write_json(result: dict, path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    Path(tmp).write_text(json.dumps(finite(result), indent=1, allow_nan=False) + "\n", "utf-8")
+    os.replace(tmp, path)
+
+
+def print_summary(result: dict, path: str, png: Optional[str]) -> None:
+    best_a, best_s = result["best"]["adamw"]["best"], result["best"]["sophia"]["best"]
+    st = result.get("stability", {})
+    print(f"\nbench_convergence ({result['corpus']['name']}; variant {result.get('variant', {}).get('name', 'paper')}; "
+          f"{result['model']['parameters'] / 1e6:.2f}M params, {result['tokens_per_step']:,} tokens/step, "
+          f"{result['train_iters']} steps)")
+    for name, best in (("AdamW", best_a), ("Sophia", best_s)):
+        knobs = f"lr {best['lr']:g}" + (f" rho {best['rho']:g}" if best.get("rho") is not None else "")
+        s = st.get(name.lower(), {})
+        print(f"  {name:7s} best {knobs}: final val_loss {final_loss(best):.4f}; diverged "
+              f"{s.get('diverged', '?')}/{s.get('grid_points', '?')} grid points")
+    r = result["sophia_reaches_adamw_final"]
+    if r["steps_ratio"] is None:
+        reverse = result["adamw_reaches_sophia_final"]
+        print("  Sophia never reached AdamW's final validation loss: steps/seconds ratios are null" + (
+            f"; AdamW reached Sophia's final loss at step {reverse['step']} (ratio {reverse['steps_ratio']:.3f})"
+            if reverse["steps_ratio"] is not None else ""))
+    else:
+        print(f"  Sophia reached AdamW's final val_loss at step {r['step']}: steps ratio {r['steps_ratio']:.3f}, "
+              f"seconds ratio {r['seconds_ratio']:.3f}")
+    for note in result["notes"]:
+        print(f"  note: {note}")
+    print(f"  wrote {path}" + (f" and {png}" if png else ""), flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# --summarize: one markdown table over result files
+
+ROLES = ("embedding", "output", "attention", "mlp", "norms_biases")
+
+
+def _num(value, fmt: str = ".4f") -> str:
+    return "n/a" if value is None or (isinstance(value, float) and not math.isfinite(value)) else format(value, fmt)
+
+
+def end_win_rates(point: dict) -> str:
+    """The last logged win rate of each group ("embedding 0.02, mlp 0.31, ..."), or the global
+    one when the run has no per-group statistics."""
+    groups = point.get("groups") or {}
+    rates = [f"{role} {_num(groups[role]['win_rate'][-1], '.2f')}" for role in ROLES
+             if role in groups and groups[role]["win_rate"]]
+    if rates:
+        return ", ".join(rates)
+    win = point.get("win_rate")
+    return f"all {_num(win['value'][-1], '.2f')}" if win and win["value"] else "n/a"
+
+
+def summary_table(results: Sequence[dict]) -> str:
+    header = ("| corpus | variant | steps | AdamW lr | AdamW final | Sophia lr | rho | Sophia final | "
+              "steps to AdamW's final (ratio) | AdamW's steps to Sophia's final (ratio) | "
+              "diverged AdamW | diverged Sophia | win rate at the end, per group |")
+    rows = [header, "|" + "---|" * 13]
+    for r in results:
+        a, s = r["best"]["adamw"]["best"], r["best"]["sophia"]["best"]
+        st = r.get("stability") or {k: stability(r["runs"][k]) for k in ("adamw", "sophia")}  # older files
+        count = {k: f"{st[k]['diverged']}/{st[k]['grid_points']}" for k in ("adamw", "sophia")}
+        corpus = r["corpus"].get("source") or r["corpus"]["name"]
+        rows.append(f"| {corpus} | {(r.get('variant') or {}).get('name', 'paper')} | {r['train_iters']} | {a['lr']:g} | "
+                    f"{_num(final_loss(a))} | {s['lr']:g} | {s.get('rho', 0):g} | {_num(final_loss(s))} | "
+                    f"{_num(r['steps_to_adamw_final_loss_ratio'], '.2f')} | "
+                    f"{_num(r.get('adamw_steps_to_sophia_final_loss_ratio'), '.2f')} | {count['adamw']} | "
+                    f"{count['sophia']} | {end_win_rates(s)} |")
+    return "\n".join(rows) + "\n"
+
+
+def summarize_files(paths: Sequence[str], markdown: Optional[str]) -> str:
+    results = []
+    for path in paths:
+        try:
+            results.append(json.loads(Path(path).read_text("utf-8")))
+        except (OSError, ValueError) as err:
+            raise ValueError(f"--summarize: cannot read {path} ({err})") from None
+    table = summary_table(results)
+    if markdown:
+        os.makedirs(os.path.dirname(os.path.abspath(markdown)), exist_ok=True)
+        Path(markdown).write_text(table, "utf-8")
+    return table
