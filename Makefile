@@ -3,6 +3,7 @@
 #   make test      the whole test suite (CPU; GPU tests skip themselves)
 #   make train     the quick-start run: the built-in corpus (once), then configs/quickstart.yml on CPU
 #   make bench     the optimizer micro-benchmark
+#   make gpu-check OUT=DIR   everything a GPU must show (tools/gpu_check.py; CPU sizes without CUDA)
 PYTHON ?= python3
 VENV ?= .venv
 # The CPU wheel. Where a torch is already importable in $(VENV) (a GPU cluster), it is kept.
@@ -10,7 +11,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.neox-sophia-installed
 
-.PHONY: install test train bench clean
+.PHONY: install test train bench gpu-check clean
 
 install: $(STAMP)
 
@@ -30,6 +31,11 @@ train: install
 
 bench: install
 	$(BIN)/python tools/bench_optimizer.py
+
+gpu-check: install
+	$(if $(OUT),,$(error gpu-check writes gpu_check.json and gpu_check.md into a folder: make gpu-check OUT=DIR))
+	$(BIN)/neox-sophia corpus --output-dir data/stdlib
+	$(BIN)/python tools/gpu_check.py --output $(OUT)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

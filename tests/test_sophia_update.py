@@ -138,14 +138,14 @@ def test_foreach_single_tensor_and_chunked_waves_are_identical(monkeypatch):
         assert all(torch.equal(a, b) for a, b in zip(results[0], other))
 
 
-def test_flattened_params_give_identical_results():
+def check_flat_partitions_equal_separate_tensors(**options):
     """ZeRO hands the optimizer one flat fp32 partition per group: same numbers, other layout."""
     params = make_params()
     flat = [torch.nn.Parameter(torch.cat([params[i].detach().reshape(-1) for i in g["idx"]]))
             for g in GROUPS]
-    opt = Sophia(sophia_groups(params))
+    opt = Sophia(sophia_groups(params), **options)
     opt_flat = Sophia([dict(params=[f], **{k: v for k, v in g.items() if k != "idx"})
-                       for f, g in zip(flat, GROUPS)])
+                       for f, g in zip(flat, GROUPS)], **options)
     for it, (grads, hess_grads) in enumerate(gradient_stream(25)):
         for which in ("step", "hessian"):
             gs = grads if which == "step" else hess_grads
@@ -162,6 +162,10 @@ def test_flattened_params_give_identical_results():
             joined = torch.cat([opt.state[params[i]][key].reshape(-1) for i in g["idx"]])
             assert torch.equal(joined, opt_flat.state[f][key])
         assert torch.equal(torch.cat([params[i].detach().reshape(-1) for i in g["idx"]]), f.detach())
+
+
+def test_flattened_params_give_identical_results():
+    check_flat_partitions_equal_separate_tensors()
 
 
 def test_state_dict_round_trip_continues_identically():

@@ -18,6 +18,7 @@ EXTENSIONS are this project's own keys (not NeoX's), each documented in its sect
 EXTENSIONS = {
     "max_nonfinite_steps": "stop after this many non-finite-loss steps in a row",
     "embedding_weight_decay": "whether the input embedding is weight-decayed (NeoX: yes)",
+    "compile_model": "compile each transformer layer with torch.compile",
 }
 
 NEOX_DEFAULTS = {

@@ -22,6 +22,7 @@ from neox_sophia.config.engine_options import deepspeed_zero_block, offload_devi
 from neox_sophia.config.keys import IGNORABLE, NEOX_DEFAULTS
 from neox_sophia.config.loader import apply_overrides, read_config_files
 from neox_sophia.config.model import ModelConfig, ParallelConfig
+from neox_sophia.config.performance import PerformanceConfig
 from neox_sophia.config.sections import (BatchConfig, CheckpointConfig, DataConfig, EngineConfig,
                                          LaunchConfig, LoggingConfig, OptimizerConfig, TrainingConfig)
 
@@ -36,6 +37,7 @@ SECTIONS = {
     "checkpoint": CheckpointConfig,
     "logging": LoggingConfig,
     "launch": LaunchConfig,
+    "performance": PerformanceConfig,
 }
 # key -> section name; a key belongs to exactly one section
 KEY_SECTION = {key: name for name, cls in SECTIONS.items() for key in section_keys(cls)}
@@ -67,6 +69,7 @@ class NeoXConfig:
     checkpoint: CheckpointConfig
     logging: LoggingConfig
     launch: LaunchConfig
+    performance: PerformanceConfig
     values: Dict[str, Any] = field(default_factory=dict)
     """The merged keys as read (after overrides): what a checkpoint records."""
     origins: Dict[str, str] = field(default_factory=dict)

@@ -92,6 +92,10 @@ class SophiaParams:
     """(beta1, beta2) of the AdamW groups."""
     adamw_eps: float = 1e-8
     """eps of the AdamW groups."""
+    fused: Optional[bool] = None
+    """Single-pass compiled kernels for the step and the Hessian EMA (neox_sophia.optim.fused):
+    true, false, or null (default: on CUDA, and on CPU for 16M+ parameters). Same results either
+    way; see docs/performance.md."""
 
     def validate(self) -> None:
         _check_positive("lr", self.lr)
@@ -154,7 +158,7 @@ class SophiaParams:
                               "pass it to build_optimizer or set it", "optimizer")
         return Sophia(groups, lr=self.lr, betas=tuple(self.betas), rho=self.rho, eps=self.eps, bs=bs,
                       hessian_bias_correction=self.hessian_bias_correction,
-                      hessian_floor_ratio=self.hessian_floor)
+                      hessian_floor_ratio=self.hessian_floor, fused=self.fused)
 
 
 @dataclass

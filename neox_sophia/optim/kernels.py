@@ -5,12 +5,16 @@ tensor holds it, how tensors are split or flattened (ZeRO hands over one flat fp
 or how many processes share the model. That is what lets the optimizer stay blind to TP, PP
 and ZeRO (docs/design.md, invariant 1).
 
-Speed. Each ``torch._foreach_*`` call is one pass over memory. Sophia needs ~7 such passes,
+Speed. Each ``torch._foreach_*`` call is one pass over memory. Sophia needs ~11 such passes,
 which over a whole model is bandwidth-bound and slower than AdamW. Instead the tensors are cut
 into contiguous chunk views and processed in *waves* of about ``wave_numel`` elements, so that
 all passes of a wave hit data that is still in cache: memory traffic falls to what the update
 really needs (read p, g, m, h; write p, m). On CUDA a wave is much larger: there the only point
 of waves is to bound the temporaries.
+
+These are the eager kernels. sophia_update and hessian_ema hand the tensors that fused.py
+applies to (and ``fused`` asks for) to its compiled single-pass kernels, which compute the same
+arithmetic with the same bits; the rest runs here.
 """
 from __future__ import annotations
 
@@ -18,6 +22,8 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
+
+from neox_sophia.optim import fused as fused_kernels
 
 # Elements per wave. CPU: ~1 MiB per tensor, so a wave's ~6 tensors fit the last-level cache
 # (measured on a 2-core EPYC with 1 MiB L2/core, 32 MiB L3: 2^18 was best among 2^14..2^20).
@@ -60,7 +66,40 @@ def waves(tensor_lists: Sequence[Sequence[Tensor]], wave_numel: int
         yield owners, current
 
 
-def _foreach_update(params, grads, exp_avgs, hessians, *, lr, beta1, rho_bs, eps, weight_decay):
+# The arithmetic, one rounding per operation. Every step below is one IEEE operation (mul, sub,
+# add, div, max), never a fused multiply-add: eager kernels fuse some ops (lerp, addcmul and
+# addcdiv use an FMA, on CPU and CUDA alike), torch.compile's CPU code has no FMA at all and its
+# CUDA code contracts a*b + c unless told not to. Written this way the eager path here and the
+# compiled one (fused.py) give the same bits on every device. Scalars come from sophia_scalars.
+#
+#   momentum:  m + (g - m) * c          with c = 1 - b1   (b1 > 0.5, the usual case)
+#              g - (g - m) * c          with c = b1       (b1 <= 0.5), torch.lerp's two forms,
+#                                       so that b1 = 0 gives m = g exactly
+#   step:      p * decay + (m * -lr) / max(max(h * rho_bs, floor), |m|)
+#   EMA:       h * b2 + t * (1 - b2)    t = e * e (GNB) or e (Hutchinson)
+
+
+def sophia_scalars(*, lr: float, beta1: float, rho: float, bs: float, eps: float,
+                   weight_decay: float, hessian_scale: float = 1.0, hessian_floor: float = 0.0,
+                   maximize: bool = False) -> dict:
+    """The per-step scalars of the update, in float64 on the host (each op rounds them to the
+    tensors' dtype). hessian_scale and hessian_floor fold into rho_bs and floor:
+    d = max(rho*bs*scale*h, max(rho*bs*floor, eps)), so neither costs a pass over memory."""
+    return dict(decay=1.0 - lr * weight_decay, sign=-1.0 if maximize else 1.0,
+                momentum_coef=1.0 - beta1 if beta1 > 0.5 else beta1, from_m=beta1 > 0.5,
+                rho_bs=rho * bs * hessian_scale, floor=max(rho * bs * hessian_floor, eps), neg_lr=-lr)
+
+
+def _foreach_momentum_(exp_avgs, grads, *, momentum_coef, from_m, **_):
+    diff = torch._foreach_sub(grads, exp_avgs)
+    torch._foreach_mul_(diff, momentum_coef)
+    if from_m:
+        torch._foreach_add_(exp_avgs, diff)
+    else:
+        torch._foreach_copy_(exp_avgs, torch._foreach_sub(grads, diff))
+
+
+def _foreach_update(params, grads, exp_avgs, hessians, *, decay, rho_bs, floor, neg_lr, **hyper):
     """One Sophia update on aligned lists of chunk views.
 
     sign(m) * min(|m| / max(rho*bs*h, eps), 1) is computed as m / max(rho*bs*h, eps, |m|):
@@ -68,51 +107,61 @@ def _foreach_update(params, grads, exp_avgs, hessians, *, lr, beta1, rho_bs, eps
     pass fewer than abs/div/clamp/sign, and no NaN when a Hutchinson estimate makes h < 0
     (the paper's max{rho*h, eps} then floors the denominator at eps, its Algorithm 3).
     """
-    if weight_decay != 0.0:
-        torch._foreach_mul_(params, 1.0 - lr * weight_decay)
-    torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
+    if decay != 1.0:
+        torch._foreach_mul_(params, decay)
+    _foreach_momentum_(exp_avgs, grads, **hyper)
     denom = torch._foreach_mul(hessians, rho_bs)
-    torch._foreach_clamp_min_(denom, eps)
+    torch._foreach_clamp_min_(denom, floor)
     torch._foreach_maximum_(denom, torch._foreach_abs(exp_avgs))
-    torch._foreach_addcdiv_(params, exp_avgs, denom, value=-lr)
+    step = torch._foreach_mul(exp_avgs, neg_lr)
+    torch._foreach_div_(step, denom)
+    torch._foreach_add_(params, step)
 
 
-def _single_tensor_update(param, grad, exp_avg, hessian, *, lr, beta1, rho_bs, eps, weight_decay):
-    """The same op sequence as _foreach_update for one tensor (devices without foreach)."""
-    if weight_decay != 0.0:
-        param.mul_(1.0 - lr * weight_decay)
-    exp_avg.lerp_(grad, 1.0 - beta1)
-    denom = torch.mul(hessian, rho_bs).clamp_min_(eps)
+def _single_tensor_update(param, grad, exp_avg, hessian, *, decay, momentum_coef, from_m, rho_bs,
+                          floor, neg_lr, **_):
+    """The same arithmetic for one tensor (devices without foreach)."""
+    if decay != 1.0:
+        param.mul_(decay)
+    diff = torch.sub(grad, exp_avg).mul_(momentum_coef)
+    exp_avg.add_(diff) if from_m else exp_avg.copy_(torch.sub(grad, diff))
+    denom = torch.mul(hessian, rho_bs).clamp_min_(floor)
     torch.maximum(denom, exp_avg.abs(), out=denom)
-    param.addcdiv_(exp_avg, denom, value=-lr)
+    param.add_(torch.mul(exp_avg, neg_lr).div_(denom))
 
 
 def sophia_update(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
                   hessians: List[Tensor], *, lr: float, beta1: float, rho: float, bs: float,
                   eps: float, weight_decay: float, hessian_scale: float = 1.0,
                   hessian_floor: float = 0.0, maximize: bool = False, foreach: bool = True,
-                  wave_numel: Optional[int] = None) -> None:
+                  fused: Optional[bool] = None, wave_numel: Optional[int] = None) -> None:
     """Functional Sophia step on same-device, same-dtype lists (updates params and exp_avgs).
 
     The Hessian enters as max(hessian_scale * h, hessian_floor): ``hessian_scale`` is the EMA's
     bias correction 1/(1 - b2^n) when enabled, ``hessian_floor`` a lower bound on the curvature
     (both options beyond the paper; the defaults 1 and 0 leave the paper's rule, bit for bit).
-    Folded into the two scalars the kernels already take: d = max(rho*bs*scale*h, max(rho*bs*floor,
-    eps)), so no option costs a pass over memory.
+
+    ``fused``: True runs the compiled single-pass kernel (neox_sophia.optim.fused) on the
+    tensors it applies to, False the eager kernels here, None picks (fused.use_fused). Both give
+    the same bits.
     """
     if not params:
         return
+    scalars = sophia_scalars(lr=lr, beta1=beta1, rho=rho, bs=bs, eps=eps, weight_decay=weight_decay,
+                             hessian_scale=hessian_scale, hessian_floor=hessian_floor, maximize=maximize)
+    if fused_kernels.use_fused(fused, params):
+        params, grads, exp_avgs, hessians = fused_kernels.sophia_step(params, grads, exp_avgs, hessians, scalars)
+        if not params:
+            return
     if maximize:
         grads = [torch.neg(g) for g in grads]
-    hyper = dict(lr=lr, beta1=beta1, rho_bs=rho * bs * hessian_scale,
-                 eps=max(rho * bs * hessian_floor, eps), weight_decay=weight_decay)
     if not foreach:
         for p, g, m, h in zip(params, grads, exp_avgs, hessians):
-            _single_tensor_update(p, g, m, h, **hyper)
+            _single_tensor_update(p, g, m, h, **scalars)
         return
     wave_numel = wave_numel or default_wave_numel(params[0].device)
     for _, (p, g, m, h) in waves([params, grads, exp_avgs, hessians], wave_numel):
-        _foreach_update(p, g, m, h, **hyper)
+        _foreach_update(p, g, m, h, **scalars)
 
 
 def _surely_finite(hessians: List[Tensor], estimates: List[Tensor], *, beta2: float,
@@ -139,37 +188,43 @@ def _surely_finite(hessians: List[Tensor], estimates: List[Tensor], *, beta2: fl
     return out
 
 
-def _ema_(hessians: List[Tensor], estimates: List[Tensor], *, beta2: float, beta2_tensor: Tensor,
+def _ema_(hessians: List[Tensor], estimates: List[Tensor], *, factors: Tuple[Tensor, Tensor],
           square: bool) -> None:
-    """h <- b2*h + (1-b2)*e(*e) in place, no guard.
+    """h <- h*b2 + t*(1-b2) in place (t = e*e or e), no guard.
 
-    The scaling by b2 takes it as a 0-dim float64 tensor (``beta2_tensor``, made once per call):
-    in-place foreach mul_ with a Python number rounds the number to the tensors' dtype first
-    (torch 2.13, CPU: b2 = 0.99 becomes 0.98828125 in bf16), unlike torch.mul, which the guarded
-    path uses; with a tensor both give the same bits.
+    ``factors`` are (b2, 1 - b2) as 0-dim float64 tensors: in-place foreach mul_ with a Python
+    number rounds the number to the tensors' dtype first (torch 2.13, CPU: b2 = 0.99 becomes
+    0.98828125 in bf16), unlike torch.mul, which the guarded path uses; with a tensor both give
+    the same bits.
     """
-    torch._foreach_mul_(hessians, beta2_tensor)
-    if square:
-        torch._foreach_addcmul_(hessians, estimates, estimates, value=1.0 - beta2)
-    else:
-        torch._foreach_add_(hessians, estimates, alpha=1.0 - beta2)
+    beta2, weight = factors
+    torch._foreach_mul_(hessians, beta2)
+    terms = torch._foreach_mul(estimates, estimates) if square else list(estimates)
+    terms = torch._foreach_mul(terms, weight)
+    torch._foreach_add_(hessians, terms)
 
 
-def _guarded_ema_(hessian: Tensor, estimate: Tensor, rejected: Tensor, *, beta2: float, square: bool) -> None:
+def _guarded_ema_(hessian: Tensor, estimate: Tensor, rejected: Tensor, *, factors: Tuple[Tensor, Tensor],
+                  square: bool) -> None:
     """The same update computed aside; coordinates whose new value is not finite keep their
     old h and are counted in ``rejected``."""
-    new = torch.mul(hessian, beta2)
-    if square:
-        new.addcmul_(estimate, estimate, value=1.0 - beta2)
-    else:
-        new.add_(estimate, alpha=1.0 - beta2)
+    beta2, weight = factors
+    term = torch.mul(estimate, estimate) if square else estimate
+    new = torch.mul(hessian, beta2).add_(torch.mul(term, weight))
     keep = torch.isfinite(new)
     torch.where(keep, new, hessian, out=hessian)
     rejected.add_(keep.logical_not_().sum())
 
 
+def ema_factors(beta2: float, device: torch.device) -> Tuple[Tensor, Tensor]:
+    """(b2, 1 - b2) as 0-dim float64 tensors on ``device`` (see _ema_)."""
+    values = torch.tensor([beta2, 1.0 - beta2], dtype=torch.float64, device=device)
+    return values[0], values[1]
+
+
 def hessian_ema(hessians: List[Tensor], estimates: List[Tensor], rejected: List[Tensor], *,
-                beta2: float, square: bool, wave_numel: Optional[int] = None) -> None:
+                beta2: float, square: bool, fused: Optional[bool] = None,
+                wave_numel: Optional[int] = None) -> None:
     """h <- b2*h + (1-b2)*e, with e = g*g (``square``, GNB) or e as given (Hutchinson's u*Hu).
 
     A coordinate whose new value is not finite keeps its old h, and the count of such
@@ -188,13 +243,18 @@ def hessian_ema(hessians: List[Tensor], estimates: List[Tensor], rejected: List[
     """
     if not hessians:
         return
+    if fused_kernels.use_fused(fused, hessians):
+        hessians, estimates, rejected = fused_kernels.hessian_ema(hessians, estimates, rejected,
+                                                                  beta2=beta2, square=square)
+        if not hessians:
+            return
     wave_numel = wave_numel or default_wave_numel(hessians[0].device)
-    beta2_tensor = torch.tensor(beta2, dtype=torch.float64, device=hessians[0].device)
+    factors = ema_factors(beta2, hessians[0].device)
     for owners, (hs, es) in waves([hessians, estimates], wave_numel):
         safe = _surely_finite(hs, es, beta2=beta2, square=square)
         if any(safe):
             _ema_([h for h, ok in zip(hs, safe) if ok], [e for e, ok in zip(es, safe) if ok],
-                  beta2=beta2, beta2_tensor=beta2_tensor, square=square)
+                  factors=factors, square=square)
         for owner, h, e, ok in zip(owners, hs, es, safe):
             if not ok:
-                _guarded_ema_(h, e, rejected[owner], beta2=beta2, square=square)
+                _guarded_ema_(h, e, rejected[owner], factors=factors, square=square)

@@ -134,18 +134,20 @@ class Sophia(torch.optim.Optimizer):
         lr_scale: a group's lr relative to the schedule's (the LR schedule multiplies by it).
         foreach: multi-tensor kernels (default on CPU and CUDA); False: one tensor at a time.
         maximize: maximize the objective instead of minimizing it.
+        fused: single-pass compiled kernels (neox_sophia.optim.fused): True always, False
+            never, None where they pay off (CUDA; large models on CPU). Same results either way.
     """
 
     def __init__(self, params, lr: float = 1e-4, betas: Tuple[float, float] = (0.965, 0.99),
                  rho: float = 0.04, weight_decay: float = 0.1, *, bs: float = 5120,
                  eps: float = 1e-15, hessian_bias_correction: bool = False,
                  hessian_floor_ratio: float = 0.0, update: str = "sophia", lr_scale: float = 1.0,
-                 foreach: Optional[bool] = None, maximize: bool = False):
+                 foreach: Optional[bool] = None, maximize: bool = False, fused: Optional[bool] = None):
         defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas,
                         rho=rho, weight_decay=weight_decay, bs=bs, eps=eps,
                         hessian_bias_correction=hessian_bias_correction,
                         hessian_floor_ratio=hessian_floor_ratio, update=update, lr_scale=lr_scale,
-                        foreach=foreach, maximize=maximize)
+                        foreach=foreach, maximize=maximize, fused=fused)
         validate_hyperparameters(defaults)
         super().__init__(params, defaults)
         self._hessian_mode = False
@@ -265,7 +267,7 @@ class Sophia(torch.optim.Optimizer):
                               rho=group["rho"], bs=group["bs"], eps=group["eps"],
                               weight_decay=group["weight_decay"], hessian_scale=self.hessian_scale(group),
                               hessian_floor=group["hessian_floor"], maximize=group["maximize"],
-                              foreach=self._use_foreach(group, device))
+                              foreach=self._use_foreach(group, device), fused=group.get("fused"))
         return loss
 
     def _adamw_step(self, group: dict, params: List[Tensor], states: List[dict], device: torch.device) -> None:
@@ -342,7 +344,7 @@ class Sophia(torch.optim.Optimizer):
                 states = [self._state_for(p, group) for p in ps]
                 hessian_ema([s["hessian"] for s in states], es,
                             [s["hessian_rejected"] for s in states],
-                            beta2=beta2, square=square and estimates is None)
+                            beta2=beta2, square=square and estimates is None, fused=group.get("fused"))
             group["hessian_updates"] += 1
 
     def _split_estimates(self, estimates: Sequence[Optional[Tensor]]) -> List[List[Optional[Tensor]]]:

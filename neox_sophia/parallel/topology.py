@@ -81,7 +81,22 @@ def init_distributed(backend: str | None = None) -> None:
         else:
             dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
             os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed's PipelineModule reads it
+    _skip_deepspeed_shm_op()
     deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
+
+
+def _skip_deepspeed_shm_op() -> None:
+    """On its CPU accelerator DeepSpeed's comm layer builds a shared-memory all-reduce op when it
+    starts: a C++ build of 1-3 minutes the first time on a machine (then a cache load), after
+    probing every op's compatibility. Only DeepSpeed's inference all-reduce uses that op, never
+    training; declaring no op compatible before the comm layer starts skips the build and the
+    probe (deepspeed 0.19 reads deepspeed.ops.__compatible_ops__ for nothing else). On CUDA no
+    such op exists and this changes nothing. NEOX_SOPHIA_DEEPSPEED_SHM_OP=1 keeps DeepSpeed's
+    behaviour (tools/bench_startup.py --deepspeed-shm-op measures what it costs)."""
+    import deepspeed.ops
+
+    if os.environ.get("NEOX_SOPHIA_DEEPSPEED_SHM_OP") != "1" and "__compatible_ops__" not in vars(deepspeed.ops):
+        deepspeed.ops.__compatible_ops__ = {}
 
 
 @dataclass(frozen=True)

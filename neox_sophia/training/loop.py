@@ -32,6 +32,7 @@ from neox_sophia.training.lifecycle import StopSignals, log, signal_name
 from neox_sophia.training.metrics import Metrics, Progress
 from neox_sophia.training.preflight import refuse_untrainable
 from neox_sophia.training.sophia_groups import refresh_hessian_floors, statistics_record
+from neox_sophia.training.startup import clock as startup
 from neox_sophia.training.steps import (collate, evaluate, hessian_uniforms, pipeline_hessian_step,
                                         pipeline_train_step, plain_hessian_step, plain_hutchinson_step,
                                         plain_train_step)
@@ -110,11 +111,13 @@ def setup(cfg: NeoXConfig) -> Run:
 
     from neox_sophia.data.tokenizers import build_tokenizer_or_refuse
     from neox_sophia.model import build_model
+    from neox_sophia.model.compile import apply_compile
     from neox_sophia.model.gpt_neox import global_named_parameters
     from neox_sophia.optim.groups import role_groups
     from neox_sophia.optim.schedules import AnnealingLR
     from neox_sophia.parallel.topology import MegatronMPU, init_distributed, initialize_model_parallel
 
+    startup.mark("imports and config")
     device = _device()
     init_distributed(cfg.launch.distributed_backend if device.type == "cuda" else "gloo")
     layout = cfg.layout(dist.get_world_size())
@@ -122,12 +125,16 @@ def setup(cfg: NeoXConfig) -> Run:
         raise TrainingError("train_iters: not set; say how many optimizer steps to train")
     refuse_untrainable(cfg, layout.world_size)  # what `plan` refuses too (training/preflight.py)
     grid = initialize_model_parallel(cfg.parallel.model_parallel_size, cfg.parallel.pipeline_stages)
+    startup.mark("distributed")
     data = cfg.data
     tokenizer = build_tokenizer_or_refuse(data)
     padded = cfg.padded_vocab_size(tokenizer.vocab_size)
+    startup.mark("tokenizer")
     torch.manual_seed(cfg.training.seed)
     model = build_model(cfg.model, cfg.parallel, padded, grid, cfg.training.seed).to(device)
+    apply_compile(model, cfg.performance.compile_model, device)
     _count_replicated_once_per_stage(model, grid)
+    startup.mark("model")
     bs = cfg.hessian_tokens(layout.world_size) if cfg.hessian_interval else None
     params = cfg.optimizer.params
     groups = role_groups(global_named_parameters(model), cfg.optimizer.weight_decay,
@@ -140,7 +147,9 @@ def setup(cfg: NeoXConfig) -> Run:
                                       config=cfg.deepspeed_config(layout.world_size))
     _keep_fp32_grad_norm(engine)
     scheduler = AnnealingLR(optimizer, cfg.lr_schedule())
+    startup.mark("engine")
     train_data, valid_data = _datasets(cfg, layout, tokenizer)
+    startup.mark("datasets")
     return Run(cfg, engine, optimizer, scheduler, grid, layout, tokenizer.vocab_size, train_data, valid_data, device)
 
 
@@ -301,6 +310,8 @@ def train_loop(run: Run, start_step: int = 0, nonfinite: int = 0,
         while step < t.train_iters:
             refreshes = result.hessian_updates
             applied = _one_step(run, step, result)
+            if not startup.reported:
+                startup.report(log, rank)
             hessian_update = result.hessian_updates > refreshes
             step += 1
             progress.step()
