@@ -157,6 +157,12 @@ def test_every_implemented_key_is_a_neox_key_or_a_listed_extension():
     ('"launcher": "srun"', "launcher"),
     ('"min_lr": 1.0', "min_lr"),
     ('"optimizer": {"type": "lion", "params": {}}', "optimizer"),
+    # non-finite numbers are refused where they are read, not after setup
+    ('"optimizer": {"type": "sophia", "params": {"rho": .inf}}', "optimizer.params.rho: inf is not a finite"),
+    ('"optimizer": {"type": "sophia", "params": {"lr": .nan}}', "optimizer.params.lr: nan is not a finite"),
+    ('"optimizer": {"type": "sophia", "params": {"eps": "-inf"}}', "optimizer.params.eps: '-inf' is not a finite"),
+    ('"weight_decay": .inf', "weight_decay: inf is not a finite"),
+    ('"gradient_clipping": .nan', "gradient_clipping: nan is not a finite"),
 ])
 def test_values_we_cannot_honour_are_errors_naming_key_and_file(write, extra, key):
     a = write("a.yml", MODEL[:-1] + ", " + extra + "}")
