@@ -266,7 +266,7 @@ def train_loop(run: Run, start_step: int = 0, nonfinite: int = 0,
     cfg, lay = run.cfg, run.layout
     t = cfg.training
     rank = dist.get_rank()
-    metrics = Metrics(cfg.logging, rank, t.train_iters, cfg.values)
+    metrics = Metrics(cfg.logging, rank, t.train_iters, cfg.values, start_step=start_step)
     result = RunResult(start_step, nonfinite_steps=nonfinite)
     progress, in_a_row, began = Progress(), 0, time.time()
     step = start_step
