@@ -94,34 +94,37 @@ class NeoXConfig:
         decay = self.training.decay_iters
         if decay is None:
             raise self._error(ConfigError("train_iters: not set; the LR schedule needs it"))
-        return LRSchedule(lr=self.optimizer.params["lr"], min_lr=self.training.min_lr, decay_iters=decay,
+        return LRSchedule(lr=self.optimizer_param("lr"), min_lr=self.training.min_lr, decay_iters=decay,
                           warmup=self.training.warmup, style=self.training.lr_decay_style)
+
+    def optimizer_param(self, name: str, default: Any = None) -> Any:
+        """One entry of optimizer.params (``default`` when the optimizer has no such entry): the
+        one place that reads them for the derived values below."""
+        return self.optimizer.params.get(name, default)
 
     @property
     def hessian_interval(self) -> Optional[int]:
         """Sophia's k (steps between Hessian refreshes); None for an optimizer without one."""
-        return self.optimizer.params.get("hessian_interval") if self.optimizer.type == "sophia" else None
+        return self.optimizer_param("hessian_interval") if self.optimizer.type == "sophia" else None
 
     def hessian_batch(self, world_size: Optional[int] = None) -> tuple:
-        """(sequences in the global Hessian batch, micro-batches per data-parallel rank).
+        """(H, micro-batches per data-parallel rank) of every Hessian refresh.
 
-        optimizer.params.hessian_batch_size sets the sequences; it must be a whole number of
-        micro-batches on every rank. Unset: half the accumulation steps (at least one) per rank,
-        as the paper's Sophia-G used 240 of 480 sequences. Setting it keeps the Hessian batch the
-        same when the micro-batch split changes."""
+        H is a number of global sequences, the same at every layout, so that rho*bs*h is too:
+        optimizer.params.hessian_batch_size when set, else half a training batch (at least one),
+        as the paper's Sophia-G used 240 of 480 sequences; from the global batch, not per rank.
+        The H sequences (the next H of the sample stream, neox_sophia.data.schedule) are laid out
+        like a training step's, in (micro-step, data-parallel rank) order in micro-batches of the
+        training micro-batch size, so ceil(H / (micro batch x DP)) micro-batches per rank. When H
+        is not a whole number of them, the rows past H are padding: they carry no loss (mask 0)
+        and each micro-batch's loss is weighted by its real rows, so the gradient is the mean over
+        exactly H sequences (steps.hessian_batches)."""
         lay = self.layout(world_size)
-        per_micro = lay.micro_batch_size * lay.dp
-        size = self.optimizer.params.get("hessian_batch_size")
-        if size is None:
-            return max(1, lay.gradient_accumulation_steps // 2) * per_micro, max(1, lay.gradient_accumulation_steps // 2)
-        if size % per_micro:
-            raise self._error(ConfigError(
-                f"optimizer: hessian_batch_size {size} is not a multiple of train_micro_batch_size_per_gpu "
-                f"{lay.micro_batch_size} x data-parallel size {lay.dp}", "optimizer"))
-        return size, size // per_micro
+        size = self.optimizer_param("hessian_batch_size") or max(1, lay.train_batch_size // 2)
+        return size, -(-size // (lay.micro_batch_size * lay.dp))
 
     def hessian_tokens(self, world_size: Optional[int] = None) -> int:
-        """Sophia's default ``bs``: the tokens of the global Hessian batch."""
+        """Sophia's default ``bs``: the tokens of the global Hessian batch (the same at every layout)."""
         return self.hessian_batch(world_size)[0] * self.model.seq_length
 
     def deepspeed_config(self, world_size: Optional[int] = None) -> Dict[str, Any]:
@@ -167,9 +170,9 @@ class NeoXConfig:
         if self.model.num_attention_heads % tp:
             raise self._error(ConfigError(f"num_attention_heads: {self.model.num_attention_heads} is not "
                                           f"divisible by model_parallel_size {tp}"))
-        if self.training.min_lr > self.optimizer.params["lr"]:
+        if self.training.min_lr > self.optimizer_param("lr"):
             raise self._error(ConfigError(f"min_lr: {self.training.min_lr} is above optimizer.params.lr "
-                                          f"{self.optimizer.params['lr']}"))
+                                          f"{self.optimizer_param('lr')}"))
 
     def _located(self, fn):
         try:
