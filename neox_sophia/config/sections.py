@@ -235,7 +235,9 @@ class CheckpointConfig:
     extra_save_iters: Optional[List[int]] = None
     """Additional steps to save at."""
     keep_last_n_checkpoints: Optional[int] = None
-    """Delete older checkpoints beyond this many."""
+    """Delete older checkpoints beyond this many. The newest checkpoint whose next step had a finite
+    loss is kept besides (the one to go back to after a divergence; usually the one before the
+    newest), so the save folder needs room for one more."""
 
     def validate(self) -> None:
         check(self.save is None or self.checkpoint_factor is not None or self.extra_save_iters is not None,
