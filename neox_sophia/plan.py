@@ -133,13 +133,12 @@ def plan(cfg: ModelConfig, parallel: ParallelConfig, padded_vocab_size: int, *, 
     return result
 
 
-def checkpoint_bytes(cfg: ModelConfig, padded_vocab_size: int, precision: str, zero_stage: int) -> int:
-    """Bytes of one checkpoint, all ranks' files together: the weights at their precision, two fp32
-    optimizer words per parameter (exp_avg and hessian, or exp_avg and exp_avg_sq) and, under ZeRO
-    or a 16-bit precision, the fp32 master weights."""
-    params = sum(b.params for b in count_blocks(cfg, padded_vocab_size, 1))
+def checkpoint_bytes(parameters: int, precision: str, zero_stage: int) -> int:
+    """Bytes of one checkpoint of a model of ``parameters``, all ranks' files together: the weights
+    at their precision, two fp32 optimizer words per parameter (exp_avg and hessian, or exp_avg and
+    exp_avg_sq) and, under ZeRO or a 16-bit precision, the fp32 master weights."""
     half = precision in ("fp16", "bfloat16", "bf16")
-    return params * ((2 if half else 4) + 8 + (4 if half or zero_stage >= 1 else 0))
+    return parameters * ((2 if half else 4) + 8 + (4 if half or zero_stage >= 1 else 0))
 
 
 def tokenizer_vocab_size(cfg) -> tuple:
@@ -176,7 +175,7 @@ def plan_config(cfg, *, world_size: int | None = None, gpu_memory_gib: float | N
     result["vocab_source"] = source
     result["layout"].update(train_batch_size=lay.train_batch_size,
                             gradient_accumulation_steps=lay.gradient_accumulation_steps)
-    result["checkpoint_gib"] = checkpoint_bytes(cfg.model, result["padded_vocab_size"], cfg.engine.resolved_precision,
+    result["checkpoint_gib"] = checkpoint_bytes(result["parameters"], cfg.engine.resolved_precision,
                                                 cfg.engine.zero_stage) / GIB
     return result
 

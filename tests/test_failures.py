@@ -228,15 +228,16 @@ def test_unwritable_outputs_are_refused_before_setup(corpus, tmp_path):
 
 def test_too_little_space_for_checkpoints_is_refused_or_warned(monkeypatch, capsys, tmp_path):
     from neox_sophia.config import ConfigError, load_config
+    from neox_sophia.plan import checkpoint_bytes
     from neox_sophia.training import preflight
 
     cfg = load_config([QUICKSTART], [f"save={tmp_path}"], warn=False)
-    size = preflight.checkpoint_bytes(cfg, 512)
+    size = checkpoint_bytes(10 ** 6, "fp32", 0)
     monkeypatch.setattr(preflight, "free_bytes", lambda path: size - 1)
     with pytest.raises(ConfigError, match=rf"save: {tmp_path} has .* GiB free, less than one checkpoint"):
-        preflight.check_free_space(cfg, 512)
+        preflight.check_free_space(cfg, 10 ** 6)
     monkeypatch.setattr(preflight, "free_bytes", lambda path: 2 * size - 1)
-    preflight.check_free_space(cfg, 512)
+    preflight.check_free_space(cfg, 10 ** 6)
     assert "room for fewer than two checkpoints" in capsys.readouterr().err
 
 
@@ -288,13 +289,12 @@ def test_data_is_checked_before_the_model_is_built(corpus, tmp_path):
 
 def test_checkpoint_size_estimate_matches_a_written_checkpoint(corpus, tmp_path):
     from neox_sophia.config import load_config
-    from neox_sophia.training import preflight
+    from neox_sophia.plan import GIB, plan_config
 
     sets = overrides(corpus, str(tmp_path), eval_iters=0, train_iters=2, lr_decay_iters=2, checkpoint_factor=2)
     assert train(sets).returncode == 0
-    folder = tmp_path / "ckpt" / "global_step2"
-    written = sum(f.stat().st_size for f in folder.iterdir())
-    estimate = preflight.checkpoint_bytes(load_config([QUICKSTART], sets, warn=False), 512)
+    written = sum(f.stat().st_size for f in (tmp_path / "ckpt" / "global_step2").iterdir())
+    estimate = plan_config(load_config([QUICKSTART], sets, warn=False))["checkpoint_gib"] * GIB
     assert 0.9 < estimate / written < 1.1, (estimate, written)
 
 

@@ -151,9 +151,9 @@ def setup(cfg: NeoXConfig) -> Run:
     padded = cfg.padded_vocab_size(tokenizer.vocab_size)
     schedule = _sample_schedule(cfg, layout)
     train_data, valid_data = _datasets(cfg, layout, tokenizer, schedule)  # the data checks, before the model
-    check_free_space(cfg, padded, dist.get_rank())
     torch.manual_seed(cfg.training.seed)
     model = build_model(cfg.model, cfg.parallel, padded, grid, cfg.training.seed).to(device)
+    check_free_space(cfg, _parameter_count(model, layout.dp, device), dist.get_rank())
     _count_replicated_once_per_stage(model, grid)
     bs = cfg.hessian_tokens(layout.world_size) if cfg.optimizer.type == "sophia" else None
     optimizer = build_optimizer(cfg.optimizer.optimizer, weight_decay_groups(model, cfg.optimizer.weight_decay), bs=bs)
@@ -165,6 +165,15 @@ def setup(cfg: NeoXConfig) -> Run:
     scheduler = AnnealingLR(optimizer, cfg.lr_schedule())
     return Run(cfg, engine, optimizer, scheduler, grid, layout, tokenizer.vocab_size, train_data, valid_data, device,
                schedule)
+
+
+def _parameter_count(model: torch.nn.Module, dp: int, device: torch.device) -> int:
+    """The model's parameters, all ranks of one data-parallel replica (TP-replicated ones counted
+    once per TP rank: an estimate's rounding)."""
+    count = torch.tensor([float(sum(p.numel() for p in model.parameters()))], dtype=torch.float64, device=device)
+    if dist.get_world_size() > 1:
+        dist.all_reduce(count)
+    return int(count.item()) // dp
 
 
 def _sample_schedule(cfg: NeoXConfig, layout) -> SampleSchedule:

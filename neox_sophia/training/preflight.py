@@ -5,7 +5,8 @@
                      when missing); a path under a regular file, or without permission, is refused
     free space       the save folder's filesystem holds at least one checkpoint more (refused
                      otherwise) and should hold two (a warning): a save writes the new checkpoint
-                     before retention deletes an old one. The size is `neox-sophia plan`'s estimate.
+                     before retention deletes an old one. The size is `neox-sophia plan`'s
+                     estimate, for the built model's parameter count (before DeepSpeed's setup).
 
 The data and tokenizer checks (files present and complete, token ids within the vocabulary) run
 in setup() before the model and DeepSpeed (neox_sophia.data.datasets.build_datasets).
@@ -53,18 +54,15 @@ def check_output_folders(cfg) -> None:
             writable_folder(key, path)
 
 
-def checkpoint_bytes(cfg, padded_vocab_size: int) -> int:
-    """Bytes of one checkpoint of ``cfg`` (all ranks' files together), as `plan` estimates it."""
-    from neox_sophia.plan import checkpoint_bytes as estimate
+def check_free_space(cfg, parameters: int, rank: int = 0) -> None:
+    """``parameters``: the model's (plan's count, or the built model's)."""
+    from neox_sophia.plan import checkpoint_bytes
 
-    return estimate(cfg.model, padded_vocab_size, cfg.engine.resolved_precision, cfg.engine.zero_stage)
-
-
-def check_free_space(cfg, padded_vocab_size: int, rank: int = 0) -> None:
     save = cfg.checkpoint.save
     if not save:
         return
-    need, free = checkpoint_bytes(cfg, padded_vocab_size), free_bytes(save)
+    need = checkpoint_bytes(parameters, cfg.engine.resolved_precision, cfg.engine.zero_stage)
+    free = free_bytes(save)
     where = f"save: {save} has {free / GIB:.2f} GiB free"
     if free < need:
         raise ConfigError(f"{where}, less than one checkpoint ({need / GIB:.2f} GiB, the estimate of `neox-sophia "
