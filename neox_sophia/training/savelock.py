@@ -131,6 +131,7 @@ class SaveLock:
                                       f"host crashed), delete {self.path} and start again")
             if self._take_over(holder):
                 return
+            time.sleep(0.5)  # another run is taking it over: look again
         raise SaveFolderInUse(f"save: {self.folder}: other runs keep taking its lock {self.path}; start one run "
                               f"per save folder")
 
