@@ -209,7 +209,8 @@ def format_plan(result: Dict) -> str:
               f"  {'total':<22}{result['total_gib']['without_checkpointing']:8.2f}"
               f"   ({result['total_gib']['with_checkpointing']:.2f} with activation checkpointing)"]
     if "checkpoint_gib" in result:
-        lines.append(f"checkpoint size      {result['checkpoint_gib']:.2f} GiB (all ranks' files; save needs room for two)")
+        lines.append(f"checkpoint size      {result['checkpoint_gib']:.2f} GiB (all ranks' files; "
+                     f"save needs room for two)")
     if "fits" in result:
         lines.append(f"fits in {result['gpu_memory_gib']:g} GiB: {'yes' if result['fits'] else 'NO'}")
     return "\n".join(lines)

@@ -277,6 +277,44 @@ def _build(make: Callable[[], object], cache_dir: Optional[str]):
                         f"cache directory") from err
 
 
+class _Builds:
+    """The megatron-core builds of one DataConfig: each blend's one-epoch datasets, epoch by epoch
+    (an EpochSource), and megatron-core's BlendedDataset over streams."""
+
+    def __init__(self, plan: _Plan, split: str, seed: int, seq_length: int, tokenizer_view, cache_dir, on_rank):
+        self.plan, self.split, self.seed, self.seq_length = plan, split, seed, seq_length
+        self.view, self.cache_dir, self.on_rank = tokenizer_view, cache_dir, on_rank
+
+    def config(self, epoch: int, blend=None, blend_per_split=None):
+        from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
+
+        from neox_sophia.data.streams import epoch_seed
+
+        return GPTDatasetConfig(
+            random_seed=epoch_seed(self.seed, epoch), sequence_length=self.seq_length, blend=blend,
+            blend_per_split=blend_per_split, split=self.split if blend is not None else None,
+            path_to_cache=self.cache_dir, tokenizer=self.view, reset_position_ids=False, reset_attention_mask=False,
+            eod_mask_loss=False, create_attention_mask=False)
+
+    def source(self, **blends):
+        """One build per epoch, num_samples None (one epoch) in every split."""
+        from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+        from megatron.core.datasets.gpt_dataset import GPTDataset
+
+        from neox_sophia.data.streams import EpochSource
+
+        return EpochSource(lambda e: _build(lambda: BlendedMegatronDatasetBuilder(
+            GPTDataset, [None] * 3, self.on_rank, self.config(e, **blends)).build(), self.cache_dir))
+
+    def blend(self, streams, weights, size):  # only per-split paths have weights
+        from megatron.core.datasets.blended_dataset import BlendedDataset
+        from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+
+        return _build(lambda: BlendedMegatronDatasetBuilder.build_generic_dataset(
+            BlendedDataset, self.on_rank, True, streams, weights, size,
+            self.config(0, blend_per_split=self.plan.blend_per_split)), self.cache_dir)
+
+
 def build_datasets(
     data_cfg,
     *,
@@ -292,12 +330,7 @@ def build_datasets(
     whatever is asked (neox_sophia.data.streams). Every data file is checked first (present,
     complete, token ids < tokenizer.vocab_size); see the module docstring for order, caching and
     ranks."""
-    from megatron.core.datasets.blended_dataset import BlendedDataset
-    from megatron.core.datasets.blended_megatron_dataset_builder import (
-        BlendedMegatronDatasetBuilder)
-    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
-
-    from neox_sophia.data.streams import EpochSource, epoch_seed, streams_of
+    from neox_sophia.data.streams import streams_of
 
     if len(num_samples) != 3 or any(n < 0 for n in num_samples):
         raise ValueError(f"num_samples must be three counts >= 0 (got {num_samples})")
@@ -307,39 +340,23 @@ def build_datasets(
         check_vocab(info, tokenizer.vocab_size, plan.keys[prefix], getattr(tokenizer, "name", ""))
     split = "".join(data_cfg.split.split())  # "969, 30, 1" and "969,30,1" share a cache entry
     view = _TokenizerView(tokenizer, {p: i.fingerprint for p, i in infos.items()})
-    on_rank = is_built_on_rank or (lambda: True)
-
-    def config(epoch: int, blend=None, blend_per_split=None) -> GPTDatasetConfig:
-        return GPTDatasetConfig(
-            random_seed=epoch_seed(seed, epoch), sequence_length=seq_length, blend=blend,
-            blend_per_split=blend_per_split, split=split if blend is not None else None, path_to_cache=cache_dir,
-            tokenizer=view, reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False,
-            create_attention_mask=False)
-
-    def source(**blends) -> EpochSource:  # one epoch: num_samples None in every split
-        return EpochSource(lambda e: _build(lambda: BlendedMegatronDatasetBuilder(
-            GPTDataset, [None] * 3, on_rank, config(e, **blends)).build(), cache_dir))
-
-    def blend(streams, weights, size):  # only per-split paths have weights
-        return _build(lambda: BlendedMegatronDatasetBuilder.build_generic_dataset(
-            BlendedDataset, on_rank, True, streams, weights, size,
-            config(0, blend_per_split=plan.blend_per_split)), cache_dir)
-
+    builds = _Builds(plan, split, seed, seq_length, view, cache_dir, is_built_on_rank or (lambda: True))
     out: List[Optional[torch.utils.data.Dataset]] = [None, None, None]
     if plan.blend is not None:
         prefix = plan.blend[0][0]
         _check_split(infos[prefix], split, num_samples)
-        whole = source(blend=plan.blend)
+        whole = builds.source(blend=plan.blend)
         for i, wanted in enumerate(num_samples):
             if wanted:
-                out[i] = streams_of([whole], i, wanted, [f"{plan.keys[prefix]} ({SPLITS[i]} split)"], None, blend)
+                out[i] = streams_of([whole], i, wanted, [f"{plan.keys[prefix]} ({SPLITS[i]} split)"], None,
+                                    builds.blend)
         return tuple(out)
     for i, entry in enumerate(plan.blend_per_split):
         if entry is None or not num_samples[i]:
             continue
         paths, weights = entry
-        sources = [source(blend_per_split=[([p], None) if j == i else None for j in range(3)]) for p in paths]
-        out[i] = streams_of(sources, i, num_samples[i], [plan.keys.get(p, p) for p in paths], weights, blend)
+        sources = [builds.source(blend_per_split=[([p], None) if j == i else None for j in range(3)]) for p in paths]
+        out[i] = streams_of(sources, i, num_samples[i], [plan.keys.get(p, p) for p in paths], weights, builds.blend)
     return tuple(out)
 
 

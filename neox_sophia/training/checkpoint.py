@@ -192,7 +192,8 @@ def save(engine, directory: str, step: int, client_state: Dict[str, Any], config
         if not dist.is_initialized() or dist.get_rank() == 0:
             shutil.rmtree(path, ignore_errors=True)  # give the space back; it is marked incomplete anyway
         previous = newest_complete_tag(directory)
-        kept = f"the previous checkpoint {os.path.join(directory, previous)} is intact" if previous else "no checkpoint was lost"
+        kept = (f"the previous checkpoint {os.path.join(directory, previous)} is intact" if previous
+                else "no checkpoint was lost")
         raise CheckpointError(f"save: no space left on the device of {directory} while writing {tag} ({e}); {kept}; "
                               f"free space there or set save to a folder with room, then run the same command "
                               f"again") from e

@@ -38,7 +38,7 @@ from neox_sophia.training import resume, savelock
 from neox_sophia.training.checkpoint import is_universal
 from neox_sophia.training.lifecycle import StopSignals, log, signal_name
 from neox_sophia.training.metrics import Metrics, Progress
-from neox_sophia.training.preflight import check_free_space, check_output_folders
+from neox_sophia.training.preflight import check_free_space, check_output_folders, parameter_count
 from neox_sophia.training.steps import (collate, evaluate, hessian_batches, hessian_uniforms,
                                         on_every_rank, pipeline_hessian_step, pipeline_train_step,
                                         plain_hessian_step, plain_train_step)
@@ -153,7 +153,7 @@ def setup(cfg: NeoXConfig) -> Run:
     train_data, valid_data = _datasets(cfg, layout, tokenizer, schedule)  # the data checks, before the model
     torch.manual_seed(cfg.training.seed)
     model = build_model(cfg.model, cfg.parallel, padded, grid, cfg.training.seed).to(device)
-    check_free_space(cfg, _parameter_count(model, layout.dp, device), dist.get_rank())
+    check_free_space(cfg, parameter_count(model, layout.dp, device), dist.get_rank())
     _count_replicated_once_per_stage(model, grid)
     bs = cfg.hessian_tokens(layout.world_size) if cfg.optimizer.type == "sophia" else None
     optimizer = build_optimizer(cfg.optimizer.optimizer, weight_decay_groups(model, cfg.optimizer.weight_decay), bs=bs)
@@ -165,15 +165,6 @@ def setup(cfg: NeoXConfig) -> Run:
     scheduler = AnnealingLR(optimizer, cfg.lr_schedule())
     return Run(cfg, engine, optimizer, scheduler, grid, layout, tokenizer.vocab_size, train_data, valid_data, device,
                schedule)
-
-
-def _parameter_count(model: torch.nn.Module, dp: int, device: torch.device) -> int:
-    """The model's parameters, all ranks of one data-parallel replica (TP-replicated ones counted
-    once per TP rank: an estimate's rounding)."""
-    count = torch.tensor([float(sum(p.numel() for p in model.parameters()))], dtype=torch.float64, device=device)
-    if dist.get_world_size() > 1:
-        dist.all_reduce(count)
-    return int(count.item()) // dp
 
 
 def _sample_schedule(cfg: NeoXConfig, layout) -> SampleSchedule:

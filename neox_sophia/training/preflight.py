@@ -54,8 +54,20 @@ def check_output_folders(cfg) -> None:
             writable_folder(key, path)
 
 
+def parameter_count(model, dp: int, device) -> int:
+    """The built model's parameters, all ranks of one data-parallel replica (a collective; the
+    TP-replicated norms and biases are counted once per TP rank: an estimate's rounding)."""
+    import torch
+    import torch.distributed as dist
+
+    count = torch.tensor([float(sum(p.numel() for p in model.parameters()))], dtype=torch.float64, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(count)
+    return int(count.item()) // dp
+
+
 def check_free_space(cfg, parameters: int, rank: int = 0) -> None:
-    """``parameters``: the model's (plan's count, or the built model's)."""
+    """``parameters``: the model's (plan's count, or parameter_count's)."""
     from neox_sophia.plan import checkpoint_bytes
 
     save = cfg.checkpoint.save
