@@ -108,6 +108,7 @@ def test_a_divergence_keeps_the_checkpoint_to_go_back_to(corpus, tmp_path):
     blown = train(base + ["optimizer={type: adamw, params: {lr: 1.0e+30}}", "max_nonfinite_steps=3"])
     assert blown.returncode == 2, blown.stderr[-2000:]
     assert complete_steps(save) == [4, 7]  # keep_last_n_checkpoints 1, and the one to go back to
+    assert "no checkpoint written" not in blown.stdout  # a skipped step changes nothing, the weights stay finite
     good = os.path.join(save, "global_step4")
     assert "the loss was not finite for 3 steps in a row (step 8" in blown.stderr
     assert f"{good} is the newest checkpoint whose next step was finite" in blown.stderr

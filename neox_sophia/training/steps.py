@@ -125,8 +125,9 @@ def plain_train_step(engine, client_optimizer, batches: List[MicroBatch], dp_gro
         engine.backward(loss if ok else zero_loss(engine.module))
         if finite or batch is not batches[-1]:
             engine.step()
-        else:
-            with redirected_step(engine, client_optimizer, lambda: None):
+        else:  # the counters advance as for a real step: DeepSpeed finds the accumulation boundary by
+            # its micro-step count, which restored would put the next step's update after its first micro-batch
+            with redirected_step(engine, client_optimizer, lambda: None, restore_counters=False):
                 engine.step()
         losses.append(loss.detach())
     return StepOutcome(mean_across(torch.stack(losses).mean(), dp_group), finite)
