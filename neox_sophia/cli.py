@@ -189,8 +189,7 @@ def _train(args: argparse.Namespace) -> int:
     rank = RankProcess()
     try:
         cfg = load_config_from_args(args)
-        rank.open_log(cfg.logging.log_dir)
-        train(cfg)
+        train(cfg, open_log=lambda: rank.open_log(cfg.logging.log_dir))  # once the save folder is this run's
     except BaseException as e:  # noqa: B036 - every failure ends this rank the same way
         return rank.fail(e)
     return 0

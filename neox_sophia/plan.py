@@ -137,6 +137,14 @@ def plan(cfg: ModelConfig, parallel: ParallelConfig, padded_vocab_size: int, *, 
     return result
 
 
+def checkpoint_bytes(parameters: int, precision: str, zero_stage: int) -> int:
+    """Bytes of one checkpoint of a model of ``parameters``, all ranks' files together: the weights
+    at their precision, two fp32 optimizer words per parameter (exp_avg and hessian, or exp_avg and
+    exp_avg_sq) and, under ZeRO or a 16-bit precision, the fp32 master weights."""
+    half = precision in ("fp16", "bfloat16", "bf16")
+    return parameters * ((2 if half else 4) + 8 + (4 if half or zero_stage >= 1 else 0))
+
+
 def tokenizer_vocab_size(cfg) -> tuple:
     """(vocab size, where it came from): the tokenizer file when it exists, else the known size
     of the tokenizer type (GPT-2 BPE, the 20B tokenizer)."""
@@ -171,6 +179,8 @@ def plan_config(cfg, *, world_size: int | None = None, gpu_memory_gib: float | N
     result["vocab_source"] = source
     result["layout"].update(train_batch_size=lay.train_batch_size,
                             gradient_accumulation_steps=lay.gradient_accumulation_steps)
+    result["checkpoint_gib"] = checkpoint_bytes(result["parameters"], cfg.engine.resolved_precision,
+                                                cfg.engine.zero_stage) / GIB
     return result
 
 
@@ -202,6 +212,9 @@ def format_plan(result: Dict) -> str:
               f"   ({result['activations_gib']['with_checkpointing']:.2f} with activation checkpointing)",
               f"  {'total':<22}{result['total_gib']['without_checkpointing']:8.2f}"
               f"   ({result['total_gib']['with_checkpointing']:.2f} with activation checkpointing)"]
+    if "checkpoint_gib" in result:
+        lines.append(f"checkpoint size      {result['checkpoint_gib']:.2f} GiB (all ranks' files; "
+                     f"save needs room for two)")
     if "fits" in result:
         lines.append(f"fits in {result['gpu_memory_gib']:g} GiB: {'yes' if result['fits'] else 'NO'}")
     return "\n".join(lines)

@@ -158,6 +158,12 @@ def test_every_implemented_key_is_a_neox_key_or_a_listed_extension():
     ('"launcher": "srun"', "launcher"),
     ('"min_lr": 1.0', "min_lr"),
     ('"optimizer": {"type": "lion", "params": {}}', "optimizer"),
+    # non-finite numbers are refused where they are read, not after setup
+    ('"optimizer": {"type": "sophia", "params": {"rho": .inf}}', "optimizer.params.rho: inf is not a finite"),
+    ('"optimizer": {"type": "sophia", "params": {"lr": .nan}}', "optimizer.params.lr: nan is not a finite"),
+    ('"optimizer": {"type": "sophia", "params": {"eps": "-inf"}}', "optimizer.params.eps: '-inf' is not a finite"),
+    ('"weight_decay": .inf', "weight_decay: inf is not a finite"),
+    ('"gradient_clipping": .nan', "gradient_clipping: nan is not a finite"),
 ])
 def test_values_we_cannot_honour_are_errors_naming_key_and_file(write, extra, key):
     a = write("a.yml", MODEL[:-1] + ", " + extra + "}")
@@ -244,9 +250,9 @@ def test_deepspeed_config(write):
     assert load(write("d.yml", MODEL)).engine.resolved_precision == "fp32"
 
 
-def test_hessian_tokens_is_one_global_batch(write):
-    cfg = load(write("a.yml", MODEL))
-    assert cfg.hessian_tokens(world_size=4) == 4 * 4 * 32
+def test_hessian_tokens_are_half_a_global_batch(write):
+    cfg = load(write("a.yml", MODEL))  # 4 sequences per rank, no accumulation
+    assert cfg.hessian_tokens(world_size=4) == 4 * 4 // 2 * 32
 
 
 def neox_lr(n, lr, min_lr, warmup, decay, style):
@@ -416,16 +422,16 @@ def test_quickstart_config_is_self_contained():
     assert cfg.parallel.pipe_parallel_size == 0 and cfg.engine.resolved_precision == "fp32"
 
 
-def test_hessian_batch_default_is_half_the_accumulation_steps(write):
+def test_hessian_batch_is_the_same_global_sequences_at_every_layout(write):
+    """H is global sequences (half a training batch by default, as the paper's 240 of 480), laid
+    out in training micro-batches: ceil(H / (micro x DP)) per rank, the rows past H padding."""
     base = MODEL.replace(',\n  "train_micro_batch_size_per_gpu": 4', "")[:-1]
-    cfg = load(write("a.yml", base + ', "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 4}'),
+    cfg = load(write("a.yml", base + ', "train_batch_size": 16, "train_micro_batch_size_per_gpu": 2}'),
                write("o.yml", SOPHIA))
-    assert cfg.hessian_batch(world_size=2) == (8, 2)  # 2 of 4 micro-batches per rank, 2 ranks x 2 sequences
-    assert cfg.hessian_tokens(world_size=2) == 8 * 32
-    one = load(write("b.yml", base + ', "train_micro_batch_size_per_gpu": 2}'), write("p.yml", SOPHIA))
-    assert one.hessian_batch(world_size=1) == (2, 1)  # at least one micro-batch
-    sized = load(write("c.yml", base + ', "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 4}'),
+    assert [cfg.hessian_batch(world_size=w) for w in (1, 2, 4, 8)] == [(8, 4), (8, 2), (8, 1), (8, 1)]
+    assert {cfg.hessian_tokens(world_size=w) for w in (1, 2, 4, 8)} == {8 * 32}
+    one = load(write("b.yml", base + ', "train_batch_size": 3}'), write("p.yml", SOPHIA))
+    assert one.hessian_batch(world_size=1) == (1, 1)  # at least one sequence
+    sized = load(write("c.yml", base + ', "train_batch_size": 16, "train_micro_batch_size_per_gpu": 2}'),
                  write("q.yml", SOPHIA), overrides=["optimizer.params.hessian_batch_size=12"])
-    assert sized.hessian_batch(world_size=2) == (12, 3)
-    with pytest.raises(ConfigError, match="hessian_batch_size 12 is not a multiple"):
-        sized.hessian_batch(world_size=4)
+    assert [sized.hessian_batch(world_size=w) for w in (1, 2, 4)] == [(12, 6), (12, 3), (12, 2)]

@@ -153,6 +153,22 @@ def test_existing_output_and_overwrite(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["hf"]  # no temporary or old directories left
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_exported_files_follow_the_umask(tmp_path, umask):
+    """safetensors writes its files 0600 and the temporary folder is 0700: other users of a shared
+    cluster could not read the model. Both follow the umask, as any new file does."""
+    cfg = tiny_config()
+    weights = our_model(cfg).full_state_dict()
+    previous = os.umask(umask)
+    try:
+        out = to_hf(weights, cfg, PADDED, str(tmp_path / "hf"))
+    finally:
+        os.umask(previous)
+    assert os.stat(out).st_mode & 0o777 == 0o777 & ~umask
+    for name in ("config.json", "model.safetensors"):
+        assert os.stat(os.path.join(out, name)).st_mode & 0o777 == 0o666 & ~umask, name
+
+
 def test_a_failed_write_leaves_nothing(tmp_path, monkeypatch):
     cfg = tiny_config()
     weights = our_model(cfg).full_state_dict()

@@ -471,6 +471,27 @@ def test_per_split_paths_are_blended_by_weight(files, dataset_prefix, tok, tmp_p
     assert all(torch.equal(cached[i]["tokens"], train[i]["tokens"]) for i in range(0, 400, 7))
 
 
+def test_sample_i_does_not_depend_on_how_many_samples_are_asked_for(files, dataset_prefix, tok, tmp_path):
+    """megatron-core shuffles all the epochs of one request together: asking for more samples (a
+    longer train_iters) used to change the first ones as soon as the request spanned two epochs."""
+    one = DataConfig(data_path=dataset_prefix, split="1")
+    per_epoch = len(build_datasets(one, seq_length=16, seed=4, num_samples=(1, 0, 0), tokenizer=tok)[0])
+    short, long = (build_datasets(one, seq_length=16, seed=4, num_samples=(n, 0, 0), tokenizer=tok)[0]
+                   for n in (per_epoch + per_epoch // 2, 3 * per_epoch))
+    assert len(short) >= per_epoch + per_epoch // 2 and len(long) >= 3 * per_epoch
+    assert all(torch.equal(short[i]["tokens"], long[i]["tokens"]) for i in range(len(short)))
+    # each epoch is the documents in an order of its own
+    assert [long[j]["tokens"].tolist() for j in range(8)] != [long[per_epoch + j]["tokens"].tolist() for j in range(8)]
+    other = tmp_path / "b"  # and a blend over several epochs of its parts:
+    preprocess.preprocess([files["b"]], str(other), preprocess.TokenizerSpec("HFTokenizer", files["tokenizer"]),
+                          append_eod=True, log=None)
+    blend = DataConfig(train_data_paths=[dataset_prefix, str(other) + "_text_document"], train_data_weights=[1, 3],
+                       valid_data_paths=[dataset_prefix], test_data_paths=[dataset_prefix])
+    short, long = (build_datasets(blend, seq_length=16, seed=4, num_samples=(n, 0, 0), tokenizer=tok)[0]
+                   for n in (2 * per_epoch, 6 * per_epoch))
+    assert all(torch.equal(short[i]["tokens"], long[i]["tokens"]) for i in range(len(short)))
+
+
 LAYOUTS = [(1, 8, 1), (2, 4, 1), (2, 2, 2), (4, 1, 2), (1, 1, 8), (2, 1, 4)]
 """(dp_size, micro_batch_size, grad_accum): global batch 8 each."""
 

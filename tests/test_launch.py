@@ -160,8 +160,6 @@ HOSTS = "node-a slots=4\nnode-b slots=4\n"
     (HOSTS, dict(num_gpus=3), ["train_batch_size=8", "train_micro_batch_size_per_gpu=1",
                                "gradient_accumulation_steps=null"],
      ["train_batch_size: 8 is not divisible by", "(the launch starts 6 processes)"]),
-    (HOSTS, dict(num_gpus=1), ["train_micro_batch_size_per_gpu=2", "optimizer.params.hessian_batch_size=2"],
-     ["optimizer: hessian_batch_size 2 is not a multiple of", "data-parallel size 2"]),
     (None, dict(no_ssh=True, node_rank=0), [], ["hostfile: --no-ssh needs the hostfile"]),
     (HOSTS, dict(no_ssh=True, node_rank=2), [], ["node_rank: --no-ssh needs --node-rank between 0 and 1"]),
 ])

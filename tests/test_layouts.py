@@ -46,6 +46,8 @@ LAYOUTS = {
     "tp2-pp2-dp2-zero1": (8, dict(model_parallel_size=2, pipe_parallel_size=2, train_micro_batch_size_per_gpu=1,
                                   zero_optimization={"stage": 1})),
     "split-1x4": (1, dict(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=4)),
+    # the Hessian batch's 2 sequences fill rank 0's micro-batch of 2; rank 1's is padding (weight 0)
+    "pp1-dp2-padded": (2, dict(pipe_parallel_size=1, gradient_accumulation_steps=1)),
 }
 
 

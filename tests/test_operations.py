@@ -219,6 +219,42 @@ def test_missing_wandb_and_tensorboard_are_one_line_each(monkeypatch, capsys):
     assert "use_wandb" in err[1] and "pip install wandb" in err[1]
 
 
+def strict_json(line):
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+    return json.loads(line, parse_constant=refuse)
+
+
+def test_metrics_lines_are_strict_json_and_name_what_was_not_finite(tmp_path, capsys):
+    from neox_sophia.training.metrics import Metrics
+
+    metrics = Metrics(logging_section(log_dir=str(tmp_path)), 0, 10)
+    metrics.train({"step": 1, "loss": float("nan"), "lr": 1e-3, "grad_norm": float("inf"), "tokens_per_s": 10.0,
+                   "eta_s": 1.0, "nonfinite_steps": 1})
+    metrics.eval(2, float("-inf"))
+    metrics.close()
+    train, evaluation = [strict_json(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert train["loss"] is None and train["grad_norm"] is None and train["lr"] == 1e-3
+    assert train["nonfinite"] == {"loss": "nan", "grad_norm": "inf"} and train["nonfinite_steps"] == 1
+    assert evaluation == {"step": 2, "val_loss": None, "nonfinite": {"val_loss": "-inf"}}
+    assert "loss nan" in capsys.readouterr().out  # the readable line still says what happened
+
+
+def test_a_run_starting_at_step_s_moves_the_records_it_replays_aside(tmp_path, capsys):
+    from neox_sophia.training.metrics import Metrics
+
+    old = [{"step": s, "loss": 5.0 - s / 10} for s in range(1, 8)] + [{"step": 6, "val_loss": 4.0}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in old) + '{"step": 8, "lo')
+    metrics = Metrics(logging_section(log_dir=str(tmp_path)), 0, 10, start_step=5)  # resumed at step 5
+    metrics.train({"step": 6, "loss": 4.5, "lr": 1e-3, "tokens_per_s": 10.0, "eta_s": 1.0})
+    metrics.close()
+    kept = [strict_json(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in kept] == [1, 2, 3, 4, 5, 6] and kept[-1]["loss"] == 4.5  # each step once
+    replayed = (tmp_path / "metrics.replayed.jsonl").read_text().splitlines()
+    assert replayed == [json.dumps(r) for r in old[5:]] + ['{"step": 8, "lo']  # kept, not lost
+    assert "moved 4 record(s) of steps after 5" in capsys.readouterr().out
+
+
 def test_eta_counts_training_steps_apart_from_evals(monkeypatch):
     from neox_sophia.training import metrics
 

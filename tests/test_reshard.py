@@ -41,8 +41,9 @@ def resume_worker(rank, world_size, sets):
                                       "state": optimizer_state_by_name(run.engine, run.optimizer),
                                       "groups": [{k: g.get(k) for k in ("name", "hessian_updates", "hessian_floor")}
                                                  for g in run.optimizer.param_groups]}
+    bs = sorted({g["bs"] for g in run.optimizer.param_groups if g.get("bs") is not None})  # Sophia's tokens per Hessian batch
     result = train_loop(run, start, nonfinite)
-    return {"start": start, "loss": result.train_loss, "loaded": loaded}
+    return {"start": start, "loss": result.train_loss, "loaded": loaded, "bs": bs}
 
 
 def settings(corpus, run_dir, layout, **extra):  # noqa: F811
@@ -118,3 +119,29 @@ def test_options_beyond_the_paper_reshard(corpus, tmp_path):  # noqa: F811
     for step in range(5, 9):
         assert out["loss"][step] == pytest.approx(reference["loss"][step], rel=1e-5), step
 
+
+def test_the_default_hessian_batch_is_the_same_at_every_layout(corpus, tmp_path):  # noqa: F811
+    """The default Hessian batch, half the 4-sequence training batch, is 2 global sequences at DP=1
+    (one micro-batch of 2) and at DP=2 with micro-batch 2 and no accumulation (one micro-batch per
+    rank, 2 real rows on rank 0, 2 padding rows on rank 1), and at TP=2: bs is 2 x 32 tokens at
+    each, so a run resumed there from the DP=1 run's universal checkpoint applies the same
+    rho*bs*h (h carried over exactly) and its steps 5-8 are the uninterrupted run's."""
+    from neox_sophia.convert.reader import read_checkpoint
+    from neox_sophia.convert.universal import save_universal
+
+    def sets(run_dir, **extra):
+        return [s for s in overrides(corpus, run_dir, checkpoint_factor=4, **COMMON, **extra)
+                if "hessian_batch_size" not in s]
+
+    source = run_ranks(resume_worker, 1, args=(sets(str(tmp_path / "one")),))[0]
+    universal, saved = str(tmp_path / "universal4"), read_checkpoint(str(tmp_path / "one" / "ckpt"), step=4)
+    save_universal(universal, saved)
+    hessian = {name: state["hessian"] for name, state in saved.optimizer.items()}
+    for name, (world, extra) in [("dp2-micro2", (2, dict(train_micro_batch_size_per_gpu=2,
+                                                         gradient_accumulation_steps=1))), ("tp2", LAYOUTS["tp2"])]:
+        out = run_ranks(resume_worker, world, args=(sets(str(tmp_path / name), load=universal, **extra),))
+        assert out[0]["start"] == 4 and out[0]["bs"] == source["bs"] == [2 * 32], (name, out[0]["bs"])
+        state = {n: s for rank in out for n, s in rank["loaded"]["state"].items()}
+        assert all(torch.equal(state[n]["hessian"], h) for n, h in hessian.items())
+        for step in range(5, 9):
+            assert out[0]["loss"][step] == pytest.approx(source["loss"][step], rel=1e-5), (name, step)

@@ -3,11 +3,13 @@
 A section is a dataclass whose field names are GPT-NeoX keys. ``build_section`` coerces each
 value to the field's annotation the way a NeoX user would expect (an int is a valid float; a
 YAML 1.1 string such as ``6e-4`` or ``5e8`` is read as the number it spells) and rejects
-everything else with an error naming the key.
+everything else with an error naming the key, non-finite numbers (``.inf``, ``.nan``) included:
+no setting of a training run means infinity, and one let through fails much later.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from typing import Any, Dict, Optional, Union
 
@@ -57,6 +59,8 @@ def coerce(key: str, value: Any, annotation: Any) -> Any:
     elif annotation is float:
         number = _number(value)
         if number is not None:
+            if not math.isfinite(number):
+                raise ConfigError(f"{key}: {value!r} is not a finite number; give a finite value", key)
             return float(number)
     elif annotation is str:
         if isinstance(value, str):

@@ -111,25 +111,23 @@ class NeoXConfig:
         return getattr(self.optimizer.params, "hessian_interval", None)
 
     def hessian_batch(self, world_size: Optional[int] = None) -> tuple:
-        """(sequences in the global Hessian batch, micro-batches per data-parallel rank).
+        """(H, micro-batches per data-parallel rank) of every Hessian refresh.
 
-        optimizer.params.hessian_batch_size sets the sequences; it must be a whole number of
-        micro-batches on every rank. Unset: half the accumulation steps (at least one) per rank,
-        as the paper's Sophia-G used 240 of 480 sequences. Setting it keeps the Hessian batch the
-        same when the micro-batch split changes."""
+        H is a number of global sequences, the same at every layout, so that rho*bs*h is too:
+        optimizer.params.hessian_batch_size when set, else half a training batch (at least one),
+        as the paper's Sophia-G used 240 of 480 sequences; from the global batch, not per rank.
+        The H sequences (the next H of the sample stream, neox_sophia.data.schedule) are laid out
+        like a training step's, in (micro-step, data-parallel rank) order in micro-batches of the
+        training micro-batch size, so ceil(H / (micro batch x DP)) micro-batches per rank. When H
+        is not a whole number of them, the rows past H are padding: they carry no loss (mask 0)
+        and each micro-batch's loss is weighted by its real rows, so the gradient is the mean over
+        exactly H sequences (steps.hessian_batches)."""
         lay = self.layout(world_size)
-        per_micro = lay.micro_batch_size * lay.dp
-        size = getattr(self.optimizer.params, "hessian_batch_size", None)
-        if size is None:
-            return max(1, lay.gradient_accumulation_steps // 2) * per_micro, max(1, lay.gradient_accumulation_steps // 2)
-        if size % per_micro:
-            raise self._error(ConfigError(
-                f"optimizer: hessian_batch_size {size} is not a multiple of train_micro_batch_size_per_gpu "
-                f"{lay.micro_batch_size} x data-parallel size {lay.dp}", "optimizer"))
-        return size, size // per_micro
+        size = getattr(self.optimizer.params, "hessian_batch_size", None) or max(1, lay.train_batch_size // 2)
+        return size, -(-size // (lay.micro_batch_size * lay.dp))
 
     def hessian_tokens(self, world_size: Optional[int] = None) -> int:
-        """Sophia's default ``bs``: the tokens of the global Hessian batch."""
+        """Sophia's default ``bs``: the tokens of the global Hessian batch (the same at every layout)."""
         return self.hessian_batch(world_size)[0] * self.model.seq_length
 
     def deepspeed_config(self, world_size: Optional[int] = None) -> Dict[str, Any]:

@@ -258,7 +258,9 @@ class CheckpointConfig:
     extra_save_iters: Optional[List[int]] = None
     """Additional steps to save at."""
     keep_last_n_checkpoints: Optional[int] = None
-    """Delete older checkpoints beyond this many."""
+    """Delete older checkpoints beyond this many. The newest checkpoint whose next step had a finite
+    loss is kept besides (the one to go back to after a divergence; usually the one before the
+    newest), so the save folder needs room for one more."""
     finetune: bool = False
     """NeoX: load only the weights of `load` and start at step 0 with a fresh optimizer and LR
     schedule (e.g. from a NeoX, Pythia or Hugging Face-converted checkpoint)."""

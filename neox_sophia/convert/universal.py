@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 
 from neox_sophia.convert.output import write_directory
 from neox_sophia.convert.reader import FullCheckpoint
-from neox_sophia.training.checkpoint import UNIVERSAL_META, CheckpointError
+from neox_sophia.training.checkpoint import UNIVERSAL_META, CheckpointError, read_file
 
 FORMAT = "neox-sophia-universal"
 VERSION = 1
@@ -137,8 +137,7 @@ def load_universal(directory: str) -> FullCheckpoint:
     config_path = os.path.join(directory, CONFIG_FILE)
     if not os.path.isfile(config_path):
         raise CheckpointError(f"{config_path}: missing; the universal checkpoint is incomplete, consolidate it again")
-    with open(config_path) as f:
-        config = yaml.safe_load(f) or {}
+    config = read_file(config_path, yaml.safe_load, fix="consolidate the checkpoint again") or {}
     weights = _load_tensors(os.path.join(directory, MODEL_FILE))
     order = [n for n in meta.get("parameters") or [] if n in weights]
     weights = {name: weights[name] for name in order + sorted(set(weights) - set(order))}

@@ -5,11 +5,11 @@
     {train,valid,test}_data_paths      separate prefixes per split, each list blended by
       + {train,valid,test}_data_weights  *_data_weights (default 1 each, as NeoX)
 
-Sample i of a split is a function of the files, split, seed, seq_length and that split's number
-of samples only: megatron-core shuffles documents and samples with numpy RandomState(seed) and
-blends with a deterministic greedy schedule (its compiled `helpers_cpp`, shipped prebuilt in the
-wheel). The number of samples matters once a file is read for more than one epoch (it sets the
-epochs shuffled together): keep train_iters fixed across a resume.
+Sample i of a split is a function of the files, split, seed, seq_length and i only, never of how
+many samples a run asks for (so neither of train_iters nor of the epochs an index was built for):
+each epoch is shuffled on its own (neox_sophia.data.streams), megatron-core shuffles documents and
+samples with numpy RandomState, and blends with a deterministic greedy schedule (its compiled
+`helpers_cpp`, shipped prebuilt in the wheel) in which sample i depends on the weights and i.
 Each sample is seq_length + 1 consecutive tokens (documents packed, eod between them when the
 data was preprocessed with --append-eod), given as tokens = [:-1], labels = [1:], loss_mask = 1
 (NeoX's default: no eod masking).
@@ -201,30 +201,22 @@ def _plan(data_cfg) -> _Plan:
     return plan
 
 
-def _split_sizes(info: DatasetInfo, split: str, num_samples: Sequence[int]) -> List[Optional[int]]:
-    """Samples to ask megatron-core for per split of one data_path, refusing splits left with no
-    documents (megatron-core would loop forever looking for tokens in them)."""
+def _check_split(info: DatasetInfo, split: str, num_samples: Sequence[int]) -> None:
+    """Refuse a split of one data_path that is asked for samples but left with no documents."""
     from megatron.core.datasets.blended_megatron_dataset_config import (
         convert_split_vector_to_split_matrix, parse_and_normalize_split)
 
     matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
     count = len(info.sequence_lengths)
-    sizes: List[Optional[int]] = []
     for name, bounds, wanted in zip(SPLITS, matrix, num_samples):
-        if bounds is None:
-            sizes.append(None)
+        if bounds is None or not wanted:
             continue
         begin, end = (int(round(b * count)) for b in bounds)  # megatron-core's cut, by documents
         if int(info.sequence_lengths[begin:end].sum()) == 0:
-            if wanted:
-                raise DataError(
-                    f"split: '{split}' leaves the {name} split of {info.prefix} no documents "
-                    f"({count} in all) but {wanted} {name} samples are needed; give it a larger "
-                    f"share or use more data")
-            sizes.append(None)  # one (empty) epoch: nothing to look for
-        else:
-            sizes.append(max(int(wanted), 1))
-    return sizes
+            raise DataError(
+                f"split: '{split}' leaves the {name} split of {info.prefix} no documents "
+                f"({count} in all) but {wanted} {name} samples are needed; give it a larger "
+                f"share or use more data")
 
 
 class _TokenizerView:
@@ -271,17 +263,56 @@ class _DropUncachedBlendWarning(logging.Filter):
         return "because path_to_cache is None" not in record.getMessage()
 
 
-def _build(builder, cache_dir: Optional[str]) -> list:
-    """builder.build(), with a cache directory that cannot be written as a DataError."""
+def _build(make: Callable[[], object], cache_dir: Optional[str]):
+    """``make()`` (a megatron-core build), with a cache directory that cannot be written as a
+    DataError."""
     try:
         with _megatron_build_quirks():
-            return builder.build()
+            return make()
     except Exception as err:  # with a process group megatron-core re-raises OSError as Exception
         if not isinstance(err, OSError) and not isinstance(err.__cause__, OSError):
             raise
         where = cache_dir or "next to the data (<prefix>/cache/)"
         raise DataError(f"cannot write the dataset index cache {where}: {err}; pass a writable "
                         f"cache directory") from err
+
+
+class _Builds:
+    """The megatron-core builds of one DataConfig: each blend's one-epoch datasets, epoch by epoch
+    (an EpochSource), and megatron-core's BlendedDataset over streams."""
+
+    def __init__(self, plan: _Plan, split: str, seed: int, seq_length: int, tokenizer_view, cache_dir, on_rank):
+        self.plan, self.split, self.seed, self.seq_length = plan, split, seed, seq_length
+        self.view, self.cache_dir, self.on_rank = tokenizer_view, cache_dir, on_rank
+
+    def config(self, epoch: int, blend=None, blend_per_split=None):
+        from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
+
+        from neox_sophia.data.streams import epoch_seed
+
+        return GPTDatasetConfig(
+            random_seed=epoch_seed(self.seed, epoch), sequence_length=self.seq_length, blend=blend,
+            blend_per_split=blend_per_split, split=self.split if blend is not None else None,
+            path_to_cache=self.cache_dir, tokenizer=self.view, reset_position_ids=False, reset_attention_mask=False,
+            eod_mask_loss=False, create_attention_mask=False)
+
+    def source(self, **blends):
+        """One build per epoch, num_samples None (one epoch) in every split."""
+        from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+        from megatron.core.datasets.gpt_dataset import GPTDataset
+
+        from neox_sophia.data.streams import EpochSource
+
+        return EpochSource(lambda e: _build(lambda: BlendedMegatronDatasetBuilder(
+            GPTDataset, [None] * 3, self.on_rank, self.config(e, **blends)).build(), self.cache_dir))
+
+    def blend(self, streams, weights, size):  # only per-split paths have weights
+        from megatron.core.datasets.blended_dataset import BlendedDataset
+        from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+
+        return _build(lambda: BlendedMegatronDatasetBuilder.build_generic_dataset(
+            BlendedDataset, self.on_rank, True, streams, weights, size,
+            self.config(0, blend_per_split=self.plan.blend_per_split)), self.cache_dir)
 
 
 def build_datasets(
@@ -294,13 +325,12 @@ def build_datasets(
     cache_dir: Optional[str] = None,
     is_built_on_rank: Optional[Callable[[], bool]] = None,
 ) -> Tuple[Optional[torch.utils.data.Dataset], ...]:
-    """(train, valid, test) megatron-core datasets for a DataConfig; None for a split with no
-    data or no samples asked for. num_samples = samples each split must provide (train:
-    train_iters * global batch). Every data file is checked first (present, complete, token
-    ids < tokenizer.vocab_size); see the module docstring for order, caching and ranks."""
-    from megatron.core.datasets.blended_megatron_dataset_builder import (
-        BlendedMegatronDatasetBuilder)
-    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+    """(train, valid, test) datasets for a DataConfig; None for a split with no data or no samples
+    asked for. num_samples = samples each split must provide at least; sample i is the same
+    whatever is asked (neox_sophia.data.streams). Every data file is checked first (present,
+    complete, token ids < tokenizer.vocab_size); see the module docstring for order, caching and
+    ranks."""
+    from neox_sophia.data.streams import streams_of
 
     if len(num_samples) != 3 or any(n < 0 for n in num_samples):
         raise ValueError(f"num_samples must be three counts >= 0 (got {num_samples})")
@@ -309,24 +339,25 @@ def build_datasets(
     for prefix, info in infos.items():
         check_vocab(info, tokenizer.vocab_size, plan.keys[prefix], getattr(tokenizer, "name", ""))
     split = "".join(data_cfg.split.split())  # "969, 30, 1" and "969,30,1" share a cache entry
+    view = _TokenizerView(tokenizer, {p: i.fingerprint for p, i in infos.items()})
+    builds = _Builds(plan, split, seed, seq_length, view, cache_dir, is_built_on_rank or (lambda: True))
+    out: List[Optional[torch.utils.data.Dataset]] = [None, None, None]
     if plan.blend is not None:
-        sizes = _split_sizes(infos[plan.blend[0][0]], split, num_samples)
-    else:
-        plan.blend_per_split = [b if n else None for b, n in zip(plan.blend_per_split, num_samples)]
-        if not any(plan.blend_per_split):
-            return (None, None, None)
-        sizes = [int(n) for n in num_samples]
-    config = GPTDatasetConfig(
-        random_seed=seed, sequence_length=seq_length, blend=plan.blend,
-        blend_per_split=plan.blend_per_split,
-        split=split if plan.blend is not None else None, path_to_cache=cache_dir,
-        tokenizer=_TokenizerView(tokenizer, {p: i.fingerprint for p, i in infos.items()}),
-        reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False,
-        create_attention_mask=False)
-    builder = BlendedMegatronDatasetBuilder(GPTDataset, sizes, is_built_on_rank or (lambda: True),
-                                            config)
-    datasets = _build(builder, cache_dir)
-    return tuple(ds if n else None for ds, n in zip(datasets, num_samples))
+        prefix = plan.blend[0][0]
+        _check_split(infos[prefix], split, num_samples)
+        whole = builds.source(blend=plan.blend)
+        for i, wanted in enumerate(num_samples):
+            if wanted:
+                out[i] = streams_of([whole], i, wanted, [f"{plan.keys[prefix]} ({SPLITS[i]} split)"], None,
+                                    builds.blend)
+        return tuple(out)
+    for i, entry in enumerate(plan.blend_per_split):
+        if entry is None or not num_samples[i]:
+            continue
+        paths, weights = entry
+        sources = [builds.source(blend_per_split=[([p], None) if j == i else None for j in range(3)]) for p in paths]
+        out[i] = streams_of(sources, i, num_samples[i], [plan.keys.get(p, p) for p in paths], weights, builds.blend)
+    return tuple(out)
 
 
 # --- batches -----------------------------------------------------------------------------------

@@ -1,22 +1,30 @@
 """`neox-sophia train`: one rank of a run (alone, or under deepspeed / torchrun / mpirun / srun).
 
-    setup: process group and TP x PP x DP grid -> tokenizer -> model -> optimizer (by the YAML
-           type) -> DeepSpeed engine (PipelineEngine when pipe_parallel_size >= 1) -> LR schedule
-           -> datasets -> resume from `load`
+    start: process group -> output folders writable (training/preflight.py) -> the save folder
+           locked for this run (training/savelock.py), before any other setup work
+    setup: TP x PP x DP grid -> tokenizer -> datasets (data checks) -> free space for checkpoints
+           -> model -> optimizer (by the YAML type) -> DeepSpeed engine (PipelineEngine when
+           pipe_parallel_size >= 1) -> LR schedule -> resume from `load` (the config's settings
+           win over the checkpoint's, training/resume.py)
     loop:  train step; every hessian_interval steps the Sophia Hessian step (step % k == k-1,
            after that step's update, on samples no training step uses); log; eval; checkpoint;
            stop here, saved, if any rank got SIGTERM/SIGINT (training/lifecycle.py).
 
-The Hessian batch of refresh j is H global samples (optimizer.params.hessian_batch_size; by
-default half a training batch) taken after the training stream's train_iters x B samples: fresh
-data, a function of the global sample index only.
+Training steps and Hessian refreshes read one sample stream (neox_sophia.data.schedule): the
+Hessian batch of refresh j is the H global sequences (NeoXConfig.hessian_batch: the same at
+every layout; by default half a training batch) that follow the training batches of its k steps:
+fresh data, a function of the step only, not of train_iters.
+
+A run never writes a checkpoint from non-finite weights or optimizer state, and retention never
+deletes the newest checkpoint whose next step had a finite loss (the one to go back to when the
+loss diverges; the stop message names it and the command to resume from it).
 """
 from __future__ import annotations
 
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -24,18 +32,20 @@ import torch.distributed as dist
 from neox_sophia.config.neox import NeoXConfig
 from neox_sophia.convert.neox import is_neox_checkpoint
 from neox_sophia.data.datasets import sample_indices
+from neox_sophia.data.schedule import SampleSchedule
 from neox_sophia.parallel.topology import tensor_parallel_group
 from neox_sophia.training import checkpoint as ckpt
+from neox_sophia.training import resume, savelock
 from neox_sophia.training.checkpoint import is_universal
 from neox_sophia.training.finetune import load_weights_only, neox_needs_weights_only, weights_only
 from neox_sophia.training.lifecycle import StopSignals, log, signal_name
 from neox_sophia.training.metrics import Metrics, Progress
-from neox_sophia.training.preflight import refuse_untrainable
+from neox_sophia.training.preflight import check_free_space, check_output_folders, parameter_count, refuse_untrainable
 from neox_sophia.training.sophia_groups import refresh_hessian_floors, statistics_record
 from neox_sophia.training.startup import clock as startup
-from neox_sophia.training.steps import (collate, evaluate, hessian_uniforms, pipeline_hessian_step,
-                                        pipeline_train_step, plain_hessian_step, plain_hutchinson_step,
-                                        plain_train_step)
+from neox_sophia.training.steps import (collate, evaluate, hessian_batches, hessian_uniforms, on_every_rank,
+                                        pipeline_hessian_step, pipeline_train_step, plain_hessian_step,
+                                        plain_hutchinson_step, plain_train_step)
 
 
 class TrainingError(RuntimeError):
@@ -66,21 +76,28 @@ class Run:
     train_data: object
     valid_data: Optional[object]
     device: torch.device
+    schedule: SampleSchedule
+    """Where each step's and each Hessian refresh's samples are in the training stream."""
+    good_checkpoint: Optional[int] = None
+    """The newest checkpoint whose next step had a finite loss: retention keeps it."""
 
     @property
     def pipeline(self) -> bool:
         return self.cfg.parallel.pipe_parallel_size >= 1
 
     def hessian_micro_batches(self, refresh: int) -> list:
-        """This rank's share of Hessian batch ``refresh``: the global samples
-        [base, base + H) after the training stream's train_iters x B samples, H the Hessian batch
-        size, laid out over micro-steps and ranks like a training step."""
-        lay, g, cfg = self.layout, self.grid, self.cfg
-        size, micro_steps = cfg.hessian_batch(lay.world_size)
-        base = cfg.training.train_iters * lay.train_batch_size + refresh * size
-        return [collate(self.train_data, [base + i for i in sample_indices(0, m, g.dp_rank, lay.dp,
-                                                                            lay.micro_batch_size, micro_steps)],
-                        self.device) for m in range(micro_steps)]
+        """This rank's share of Hessian batch ``refresh`` (steps.hessian_batches)."""
+        size, micro_steps = self.cfg.hessian_batch(self.layout.world_size)
+        return hessian_batches(self.train_data, self.schedule.hessian_start(refresh), size, micro_steps, self.layout,
+                               self.grid.dp_rank, self.device)
+
+    def train_micro_batches(self, step: int) -> list:
+        """This rank's micro-batches of training step ``step`` (from 0)."""
+        lay, start = self.layout, self.schedule.train_start(step)
+        return [collate(self.train_data, [start + i for i in sample_indices(0, m, self.grid.dp_rank, lay.dp,
+                                                                             lay.micro_batch_size,
+                                                                             lay.gradient_accumulation_steps)],
+                        self.device) for m in range(lay.gradient_accumulation_steps)]
 
     def eval_micro_batches(self, evaluation: int) -> list:
         """This rank's share of validation pass ``evaluation``: eval_iters batches of
@@ -106,6 +123,15 @@ def _device() -> torch.device:
     return torch.device("cpu")
 
 
+def start_process_group(cfg: NeoXConfig) -> torch.device:
+    """This rank's device and the process group (idempotent)."""
+    from neox_sophia.parallel.topology import init_distributed
+
+    device = _device()
+    init_distributed(cfg.launch.distributed_backend if device.type == "cuda" else "gloo")
+    return device
+
+
 def setup(cfg: NeoXConfig) -> Run:
     import deepspeed
 
@@ -115,11 +141,10 @@ def setup(cfg: NeoXConfig) -> Run:
     from neox_sophia.model.gpt_neox import global_named_parameters
     from neox_sophia.optim.groups import role_groups
     from neox_sophia.optim.schedules import AnnealingLR
-    from neox_sophia.parallel.topology import MegatronMPU, init_distributed, initialize_model_parallel
+    from neox_sophia.parallel.topology import MegatronMPU, initialize_model_parallel
 
     startup.mark("imports and config")
-    device = _device()
-    init_distributed(cfg.launch.distributed_backend if device.type == "cuda" else "gloo")
+    device = start_process_group(cfg)
     layout = cfg.layout(dist.get_world_size())
     if cfg.training.train_iters is None:
         raise TrainingError("train_iters: not set; say how many optimizer steps to train")
@@ -130,9 +155,13 @@ def setup(cfg: NeoXConfig) -> Run:
     tokenizer = build_tokenizer_or_refuse(data)
     padded = cfg.padded_vocab_size(tokenizer.vocab_size)
     startup.mark("tokenizer")
+    schedule = _sample_schedule(cfg, layout)
+    train_data, valid_data = _datasets(cfg, layout, tokenizer, schedule)  # the data checks, before the model
+    startup.mark("datasets")
     torch.manual_seed(cfg.training.seed)
     model = build_model(cfg.model, cfg.parallel, padded, grid, cfg.training.seed).to(device)
     apply_compile(model, cfg.performance.compile_model, device)
+    check_free_space(cfg, parameter_count(model, layout.dp, device), dist.get_rank())
     _count_replicated_once_per_stage(model, grid)
     startup.mark("model")
     bs = cfg.hessian_tokens(layout.world_size) if cfg.hessian_interval else None
@@ -148,19 +177,21 @@ def setup(cfg: NeoXConfig) -> Run:
     _keep_fp32_grad_norm(engine)
     scheduler = AnnealingLR(optimizer, cfg.lr_schedule())
     startup.mark("engine")
-    train_data, valid_data = _datasets(cfg, layout, tokenizer)
-    startup.mark("datasets")
-    return Run(cfg, engine, optimizer, scheduler, grid, layout, tokenizer.vocab_size, train_data, valid_data, device)
+    return Run(cfg, engine, optimizer, scheduler, grid, layout, tokenizer.vocab_size, train_data, valid_data, device,
+               schedule)
 
 
-def _datasets(cfg: NeoXConfig, layout, tokenizer):
+def _sample_schedule(cfg: NeoXConfig, layout) -> SampleSchedule:
+    k = cfg.hessian_interval
+    return SampleSchedule(layout.train_batch_size, cfg.hessian_batch(layout.world_size)[0] if k else 0, k)
+
+
+def _datasets(cfg: NeoXConfig, layout, tokenizer, schedule: SampleSchedule):
     from neox_sophia.data.datasets import build_datasets
 
     t = cfg.training
-    interval = cfg.hessian_interval
-    hessian_samples = (t.train_iters // interval + 1) * cfg.hessian_batch(layout.world_size)[0] if interval else 0
     evals = t.train_iters // cfg.logging.eval_interval + 1
-    num_samples = (t.train_iters * layout.train_batch_size + hessian_samples,
+    num_samples = (schedule.samples_needed(t.train_iters),
                    evals * cfg.logging.eval_iters * layout.train_batch_size, 0)  # NeoX's count
     train, valid, _ = build_datasets(cfg.data, seq_length=cfg.model.seq_length, seed=t.seed,
                                      num_samples=num_samples, tokenizer=tokenizer)
@@ -171,34 +202,72 @@ def _datasets(cfg: NeoXConfig, layout, tokenizer):
 
 
 def _resume(run: Run) -> tuple:
-    """(step, non-finite steps so far) from `load`, or (0, 0) for a fresh start. `load` is a
-    checkpoint directory saved at this run's layout, or a universal checkpoint (any layout); with
-    finetune / no_load_optim, weights only from any of those or from a GPT-NeoX checkpoint."""
-    cfg = run.cfg.checkpoint
-    if not cfg.load:
+    """(step, non-finite steps so far) from `load`, or (0, 0) for a fresh start. `load` is a save
+    directory saved at this run's layout (its latest complete checkpoint), one checkpoint folder
+    in it, or a universal checkpoint (any layout); with finetune / no_load_optim, weights only from
+    any of those or from a GPT-NeoX checkpoint. The settings are the config's (resume.py)."""
+    c = run.cfg.checkpoint
+    _clean_save_folder(c.save)
+    if not c.load or _first_run(c.load, c.save):
         return 0, 0
-    fresh = not os.path.isdir(cfg.load) or not os.listdir(cfg.load)
-    if fresh and cfg.load == cfg.save:  # the first run of a resumable setup
-        return 0, 0
-    if weights_only(cfg):  # NeoX's finetune / no_load_optim (training/finetune.py)
-        state = load_weights_only(run, cfg.load)
+    if weights_only(c):  # NeoX's finetune / no_load_optim (training/finetune.py)
+        state = load_weights_only(run, c.load)
         where = state["where"]
-    elif is_neox_checkpoint(cfg.load):
-        raise TrainingError(neox_needs_weights_only(cfg.load))
-    elif is_universal(cfg.load):
-        state = _load_universal(run, cfg.load)
-        where = cfg.load
+    elif is_neox_checkpoint(c.load):
+        raise TrainingError(neox_needs_weights_only(c.load))
     else:
-        _check_layout(run, cfg.load)
-        tag, state = ckpt.load(run.engine, cfg.load)
-        where = os.path.join(cfg.load, tag)
+        requested = resume.hyperparameters(run.optimizer)  # the config's, before the load replaces them
+        state, saved_groups, where = _load_checkpoint(run, c.load)
+        resume.apply_config(run.optimizer, requested)
+        resume.announce(resume.group_changes(saved_groups, requested)
+                        + resume.record_changes(state.get("run", {}), resume.run_record(run.cfg, run.layout)))
     if "scheduler" in state:  # absent in a checkpoint converted from Hugging Face: the schedule starts
         run.scheduler.load_state_dict(state["scheduler"])
     refresh_hessian_floors(run.optimizer)  # a universal checkpoint carries h, not the floors
-    log.info("resumed from %s at step %d", where, state["step"])
+    step = int(state["step"])
+    _continue_stream(run, step, state)
+    log.info("resumed from %s at step %d", where, step)
     if dist.get_rank() == 0:
-        print(f"neox-sophia: resumed from {where} at step {state['step']}", flush=True)
-    return int(state["step"]), state.get("nonfinite_steps", 0)
+        print(f"neox-sophia: resumed from {where} at step {step}", flush=True)
+    return step, state.get("nonfinite_steps", 0)
+
+
+def _clean_save_folder(save: Optional[str]) -> None:
+    """What killed saves left in this run's own save folder goes, a line each (rank 0; all wait)."""
+    if save and dist.get_rank() == 0:
+        for path in ckpt.clean_leftovers(save):
+            log.info("removed %s (left by a save that did not finish)", path)
+            print(f"neox-sophia: removed {path} (left by a save that did not finish)", flush=True)
+    if dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def _first_run(load: str, save: Optional[str]) -> bool:
+    """`load` is this run's own save folder (compared as resolved paths) and holds no checkpoint
+    yet: the first run of a resumable setup, or one that died before its first checkpoint."""
+    if not save or os.path.realpath(load) != os.path.realpath(save):
+        return False
+    return not os.path.isdir(load) or ckpt.holds_only_leftovers(load)
+
+
+def _load_checkpoint(run: Run, load: str) -> tuple:
+    """(client state, the param groups' saved hyperparameters, where) after loading ``load``'s
+    weights and optimizer state into the run."""
+    if is_universal(load):
+        state, groups = _load_universal(run, load)
+        return state, groups, load
+    directory, tag = ckpt.locate(load)
+    _check_layout(run, directory, tag)
+    ckpt.saved_config(directory, tag)  # the checkpoint tools read it: a damaged one is named now
+    state = ckpt.load(run.engine, directory, tag)
+    return state, resume.hyperparameters(run.optimizer), os.path.join(directory, tag)
+
+
+def _continue_stream(run: Run, step: int, state: Dict[str, object]) -> None:
+    """The sample stream goes on where the checkpoint left it; the retention guard too."""
+    run.schedule.resume_at(step, state.get("data_position"))
+    run.train_data.ensure(run.schedule.samples_needed(run.cfg.training.train_iters))
+    run.good_checkpoint = state.get("good_checkpoint")
 
 
 def _layout_record(run: Run) -> Dict[str, object]:
@@ -210,8 +279,8 @@ def _layout_record(run: Run) -> Dict[str, object]:
             "param_groups": "by_role"}
 
 
-def _check_layout(run: Run, directory: str) -> None:
-    saved = ckpt.saved_layout(directory)
+def _check_layout(run: Run, directory: str, tag: str) -> None:
+    saved = ckpt.saved_layout(directory, tag)
     if saved is None:  # written before layouts were recorded
         return
     current = _layout_record(run)
@@ -223,7 +292,7 @@ def _check_layout(run: Run, directory: str) -> None:
                             f"--output DIR` and set load to DIR (weights, exp_avg and hessian carry over exactly)")
 
 
-def _load_universal(run: Run, directory: str) -> Dict[str, object]:
+def _load_universal(run: Run, directory: str) -> tuple:
     from neox_sophia.convert.universal import load_universal
     from neox_sophia.training.reshard import load_universal_into
 
@@ -232,7 +301,7 @@ def _load_universal(run: Run, directory: str) -> Dict[str, object]:
         raise TrainingError(f"load: {directory} holds {checkpoint.config['optimizer']['type']} state; this run's "
                             f"optimizer is {run.cfg.optimizer.type}")
     load_universal_into(run.engine, run.optimizer, checkpoint, directory)
-    return {**checkpoint.client_state, "step": checkpoint.step}
+    return {**checkpoint.client_state, "step": checkpoint.step}, checkpoint.param_groups
 
 
 def _should_save(cfg: NeoXConfig, step: int) -> bool:
@@ -243,17 +312,53 @@ def _should_save(cfg: NeoXConfig, step: int) -> bool:
             or step in (c.extra_save_iters or ()))
 
 
-def _save(run: Run, step: int, nonfinite: int) -> None:
-    state = {"step": step, "scheduler": run.scheduler.state_dict(), "nonfinite_steps": nonfinite}
+def _save(run: Run, step: int, nonfinite: int) -> bool:
+    """Checkpoint ``step`` unless the weights or optimizer state hold a non-finite value (then say
+    so and keep the checkpoints there are); return whether it was written."""
+    bad = ckpt.nonfinite_tensor(run.engine.module, run.optimizer)
+    if not on_every_rank(bad is None, run.device):
+        where = f" ({bad})" if bad else ""
+        message = (f"step {step}: no checkpoint written: the weights or optimizer state are not finite{where}; "
+                   f"the checkpoints in {run.cfg.checkpoint.save} are kept")
+        log.warning("%s", message)
+        if dist.get_rank() == 0:
+            print(f"neox-sophia: {message}", flush=True)
+        return False
+    state = {"step": step, "scheduler": run.scheduler.state_dict(), "nonfinite_steps": nonfinite,
+             "data_position": run.schedule.position(step), "good_checkpoint": run.good_checkpoint,
+             "run": resume.run_record(run.cfg, run.layout)}
+    protect = [run.good_checkpoint] if run.good_checkpoint is not None else []
     path = ckpt.save(run.engine, run.cfg.checkpoint.save, step, state, run.cfg.values,
-                     keep_last=run.cfg.checkpoint.keep_last_n_checkpoints, layout=_layout_record(run))
+                     keep_last=run.cfg.checkpoint.keep_last_n_checkpoints, layout=_layout_record(run), protect=protect)
     log.info("saved checkpoint %s", path)
+    return True
+
+
+def _in_save_folder(run: Run, step: int) -> bool:
+    save = run.cfg.checkpoint.save
+    return bool(step and save and os.path.isfile(os.path.join(save, ckpt.tag_for(step), ckpt.MARKER)))
+
+
+def _diverged(run: Run, step: int, in_a_row: int) -> TrainingError:
+    """The stop after max_nonfinite_steps: it names the checkpoint to go back to and how."""
+    cfg = run.cfg
+    head = (f"the loss was not finite for {in_a_row} steps in a row (step {step}; "
+            f"max_nonfinite_steps={cfg.training.max_nonfinite_steps})")
+    lr = cfg.optimizer.params.lr
+    change = f"--set optimizer.params.lr={lr / 2:g}" + (" (or a higher optimizer.params.rho)"
+                                                          if cfg.optimizer.type == "sophia" else "")
+    good = run.good_checkpoint
+    if good is None or not _in_save_folder(run, good):
+        return TrainingError(f"{head}; no checkpoint precedes it: start again with changed settings, e.g. {change}")
+    where = os.path.join(cfg.checkpoint.save, ckpt.tag_for(good))
+    return TrainingError(f"{head}; {where} is the newest checkpoint whose next step was finite: resume from it with "
+                         f"changed settings, i.e. the same command with --set load={where} and e.g. {change}")
 
 
 def _one_step(run: Run, step: int, result: RunResult) -> bool:
     """Train step `step` (and its Hessian refresh); returns whether the update was applied."""
-    lay, cfg = run.layout, run.cfg
-    batches = run.micro_batches(run.train_data, step, lay.gradient_accumulation_steps)
+    cfg = run.cfg
+    batches = run.train_micro_batches(step)
     if run.pipeline:
         outcome = pipeline_train_step(run.engine, run.optimizer, batches)
     else:
@@ -301,10 +406,11 @@ def train_loop(run: Run, start_step: int = 0, nonfinite: int = 0,
     cfg, lay = run.cfg, run.layout
     t = cfg.training
     rank = dist.get_rank()
-    metrics = Metrics(cfg.logging, rank, t.train_iters, cfg.values)
+    metrics = Metrics(cfg.logging, rank, t.train_iters, cfg.values, start_step=start_step)
     result = RunResult(start_step, nonfinite_steps=nonfinite)
     progress, in_a_row, began = Progress(), 0, time.time()
     step = start_step
+    saved_steps = {start_step} if _in_save_folder(run, start_step) else set()  # checkpoints of this timeline
     log.info("training steps %d..%d", step + 1, t.train_iters)
     try:
         while step < t.train_iters:
@@ -313,14 +419,14 @@ def train_loop(run: Run, start_step: int = 0, nonfinite: int = 0,
             if not startup.reported:
                 startup.report(log, rank)
             hessian_update = result.hessian_updates > refreshes
+            if applied and step in saved_steps:  # the checkpoint before this step led to a finite one
+                run.good_checkpoint = step
             step += 1
             progress.step()
             in_a_row = 0 if applied else in_a_row + 1
             result.nonfinite_steps += 0 if applied else 1
             if in_a_row >= t.max_nonfinite_steps:
-                raise TrainingError(f"the loss was not finite for {in_a_row} steps in a row (step {step}); "
-                                    f"lower the lr (optimizer.params.lr) or raise rho, or resume from the last "
-                                    f"checkpoint (max_nonfinite_steps={t.max_nonfinite_steps})")
+                raise _diverged(run, step, in_a_row)
             if step % cfg.logging.log_interval == 0 or step == t.train_iters:
                 record = {"step": step, "loss": result.train_loss[step], "lr": run.scheduler.get_lr(),
                           "grad_norm": result.grad_norm, "hessian_update": hessian_update,
@@ -339,7 +445,9 @@ def train_loop(run: Run, start_step: int = 0, nonfinite: int = 0,
             saved = _should_save(cfg, step)
             if saved:
                 with progress.pause("save"):
-                    _save(run, step, result.nonfinite_steps)
+                    saved = _save(run, step, result.nonfinite_steps)
+                if saved:
+                    saved_steps.add(step)
             result.step = step
             # every rank takes part, so that all stop at this same step (and save it together)
             if signals is not None and step < t.train_iters and (signum := signals.agreed(run.device)):
@@ -367,9 +475,9 @@ def _stop(run: Run, step: int, result: RunResult, signum: int, saved: bool) -> N
     """The ranks agreed to stop after ``step`` (a signal): save there unless just saved, say so."""
     save = run.cfg.checkpoint.save
     if save and not saved:
-        _save(run, step, result.nonfinite_steps)
-    where = (f"saved checkpoint at step {step} in {save}" if save
-             else f"stopped at step {step}; no checkpoint saved (save is not set)")
+        saved = _save(run, step, result.nonfinite_steps)
+    where = (f"saved checkpoint at step {step} in {save}" if saved
+             else f"stopped at step {step}; no checkpoint saved" + ("" if save else " (save is not set)"))
     message = f"received {signal_name(signum)}: {where}"
     log.warning("%s", message)
     if dist.get_rank() == 0:
@@ -409,14 +517,20 @@ def _grad_norm(engine) -> Optional[float]:
     return float(norm.item() if torch.is_tensor(norm) else norm)
 
 
-def train(cfg: NeoXConfig) -> RunResult:
-    run = setup(cfg)
-    log.info("set up: world size %d (tp %d, pp %d, dp %d), %s, %s", run.layout.world_size, run.layout.tp,
-             run.layout.pp, run.layout.dp, run.device, dist.get_backend())
-    start, nonfinite = _resume(run)
-    if start >= cfg.training.train_iters and dist.get_rank() == 0:
-        print(f"neox-sophia: nothing to train: the checkpoint in {cfg.checkpoint.load} is at step {start} "
-              f"and train_iters is {cfg.training.train_iters}; raise train_iters or use a new save/load "
-              f"directory", flush=True)
-    with StopSignals() as signals:
-        return train_loop(run, start, nonfinite, signals)
+def train(cfg: NeoXConfig, open_log: Callable[[], None] = lambda: None) -> RunResult:
+    """The whole run. Before any setup work the output folders are checked and the save folder is
+    locked for this run; ``open_log`` (the rank log) is called once it is ours."""
+    start_process_group(cfg)
+    check_output_folders(cfg)
+    with savelock.hold(cfg.checkpoint.save):
+        open_log()
+        run = setup(cfg)
+        log.info("set up: world size %d (tp %d, pp %d, dp %d), %s, %s", run.layout.world_size, run.layout.tp,
+                 run.layout.pp, run.layout.dp, run.device, dist.get_backend())
+        start, nonfinite = _resume(run)
+        if start >= cfg.training.train_iters and dist.get_rank() == 0:
+            print(f"neox-sophia: nothing to train: the checkpoint in {cfg.checkpoint.load} is at step {start} "
+                  f"and train_iters is {cfg.training.train_iters}; raise train_iters or use a new save/load "
+                  f"directory", flush=True)
+        with StopSignals() as signals:
+            return train_loop(run, start, nonfinite, signals)

@@ -13,6 +13,12 @@ TensorBoard and wandb get the same scalars, nested ones as train/groups/<role>/<
 
 tokens_per_s counts training time only (``Progress``); the ETA adds the evals and checkpoint saves
 still to come, each at the duration last measured for it.
+
+Every line is strict JSON: a value that is not a finite number (a loss that went NaN) is written
+as null and named, with what it was, under "nonfinite" ({"loss": null, "nonfinite": {"loss":
+"nan"}}). Each step appears once: a run that starts at step S (a resume, or a fresh start after a
+crash before the first checkpoint) moves the records of steps after S, which it is about to train
+again, from metrics.jsonl to metrics.replayed.jsonl.
 """
 from __future__ import annotations
 
@@ -54,6 +60,47 @@ def format_train_line(record: Dict[str, Any], train_iters: int) -> str:
     return " | ".join(parts)
 
 
+METRICS_FILE, REPLAYED_FILE = "metrics.jsonl", "metrics.replayed.jsonl"
+
+
+def json_line(record: Dict[str, Any]) -> str:
+    """``record`` as strict JSON (see the module docstring for non-finite numbers)."""
+    bad = {key: repr(value) for key, value in record.items() if isinstance(value, float) and not math.isfinite(value)}
+    if bad:
+        record = {**{key: None if key in bad else value for key, value in record.items()}, "nonfinite": bad}
+    return json.dumps(record, allow_nan=False)
+
+
+def _step_of(line: str) -> Optional[int]:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None  # a line cut by a kill: not a record
+
+
+def drop_replayed(log_dir: str, start_step: int) -> int:
+    """Move the records of steps after ``start_step`` (and lines cut short by a kill) from
+    metrics.jsonl to metrics.replayed.jsonl; return how many moved."""
+    path = os.path.join(log_dir, METRICS_FILE)
+    if not os.path.isfile(path):
+        return 0
+    with open(path) as f:
+        lines = f.read().splitlines(keepends=True)
+    keep, moved = [], []
+    for line in lines:
+        step = _step_of(line)
+        (keep if step is not None and step <= start_step else moved).append(line)
+    if not moved:
+        return 0
+    with open(os.path.join(log_dir, REPLAYED_FILE), "a") as f:
+        f.writelines(line if line.endswith("\n") else line + "\n" for line in moved)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.writelines(keep)
+    os.replace(tmp, path)
+    return len(moved)
+
+
 class Progress:
     """Throughput and ETA of the training steps since the last report. Time inside ``pause(kind)``
     (an eval, a checkpoint save) is left out of the throughput and counted per kind instead."""
@@ -88,9 +135,11 @@ class Progress:
 
 
 class Metrics:
-    def __init__(self, logging_cfg, rank: int, train_iters: int, run_config: Optional[Dict[str, Any]] = None):
+    def __init__(self, logging_cfg, rank: int, train_iters: int, run_config: Optional[Dict[str, Any]] = None,
+                 start_step: int = 0):
         """``logging_cfg``: the LoggingConfig section; ``run_config``: the merged config values
-        (recorded by wandb)."""
+        (recorded by wandb); ``start_step``: the step the run starts from (records after it are
+        moved aside, see the module docstring)."""
         self.rank = rank
         self.train_iters = train_iters
         self.file = None
@@ -100,7 +149,11 @@ class Metrics:
             return
         if logging_cfg.log_dir:
             os.makedirs(logging_cfg.log_dir, exist_ok=True)
-            self.file = open(os.path.join(logging_cfg.log_dir, "metrics.jsonl"), "a")
+            moved = drop_replayed(logging_cfg.log_dir, start_step)
+            if moved:
+                print(f"neox-sophia: moved {moved} record(s) of steps after {start_step}, which this run trains "
+                      f"again, from {METRICS_FILE} to {REPLAYED_FILE}", flush=True)
+            self.file = open(os.path.join(logging_cfg.log_dir, METRICS_FILE), "a")
         if logging_cfg.tensorboard_dir:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -118,7 +171,7 @@ class Metrics:
         if line:
             print(line, flush=True)
         if self.file:
-            self.file.write(json.dumps(record) + "\n")
+            self.file.write(json_line(record) + "\n")
             self.file.flush()
         scalars = _scalars("eval" if "val_loss" in record else "train", record)
         if self.tensorboard:

@@ -32,12 +32,35 @@ class MicroBatch:
     labels: torch.Tensor      # [mb, s]
     loss_mask: torch.Tensor   # [mb, s]
     indices: List[int]        # global sample indices
+    weight: float = 1.0       # a Hessian micro-batch's loss factor (hessian_batches)
 
 
 def collate(dataset, indices, device: torch.device) -> MicroBatch:
     samples = [dataset[i] for i in indices]
     stack = lambda key: torch.stack([torch.as_tensor(s[key]) for s in samples]).to(device)  # noqa: E731
     return MicroBatch(stack("tokens").long(), stack("labels").long(), stack("loss_mask").float(), list(indices))
+
+
+def hessian_batches(dataset, start: int, size: int, micro_steps: int, layout, dp_rank: int,
+                    device: torch.device) -> List[MicroBatch]:
+    """This rank's micro-batches of the Hessian batch of ``size`` sequences that starts at stream
+    position ``start`` (NeoXConfig.hessian_batch): position p of the batch sits where a training
+    step's sample p would, rows at p >= size are padding (the batch's first sample, loss mask 0).
+    Each micro-batch's mean loss is weighted by real rows x DP x accumulation steps / size:
+    DeepSpeed divides every backward by the accumulation steps and averages over DP, so the
+    gradient is the mean over exactly ``size`` sequences whatever the layout."""
+    from neox_sophia.data.datasets import sample_indices
+
+    dp, micro, accumulation = layout.dp, layout.micro_batch_size, layout.gradient_accumulation_steps
+    batches = []
+    for m in range(micro_steps):
+        positions = sample_indices(0, m, dp_rank, dp, micro, micro_steps)
+        real = sum(p < size for p in positions)  # positions ascend: the real rows come first
+        batch = collate(dataset, [start + (p if p < size else 0) for p in positions], device)
+        batch.loss_mask[real:] = 0
+        batch.weight = real * dp * accumulation / size
+        batches.append(batch)
+    return batches
 
 
 @contextlib.contextmanager
@@ -68,7 +91,13 @@ def for_collective(value: torch.Tensor) -> torch.Tensor:
 
 
 def all_finite(value: torch.Tensor) -> bool:
-    flag = for_collective(torch.isfinite(value.detach()).all().to(torch.float32).reshape(1))
+    return on_every_rank(torch.isfinite(value.detach()).all())
+
+
+def on_every_rank(ok, device: torch.device = torch.device("cpu")) -> bool:
+    """Whether ``ok`` (a bool tensor, reduced on its device, or a bool, on ``device``: NCCL needs
+    a CUDA one) holds on every rank."""
+    flag = for_collective((ok if torch.is_tensor(ok) else torch.tensor(ok, device=device)).to(torch.float32).reshape(1))
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item() == 1.0)
@@ -106,8 +135,9 @@ def plain_train_step(engine, client_optimizer, batches: List[MicroBatch], dp_gro
         engine.backward(loss if ok else zero_loss(engine.module))
         if finite or batch is not batches[-1]:
             engine.step()
-        else:
-            with redirected_step(engine, client_optimizer, lambda: None):
+        else:  # the counters advance as for a real step: DeepSpeed finds the accumulation boundary by
+            # its micro-step count, which restored would put the next step's update after its first micro-batch
+            with redirected_step(engine, client_optimizer, lambda: None, restore_counters=False):
                 engine.step()
         losses.append(loss.detach())
     return StepOutcome(mean_across(torch.stack(losses).mean(), dp_group), finite)
@@ -117,16 +147,15 @@ def plain_hessian_step(engine, client_optimizer, batches: List[MicroBatch], unif
                        vocab_size: int, tp_group=None) -> float:
     """Sophia-G's Hessian refresh on a plain module: sampled-label loss on ``batches`` (any number
     of micro-batches, often fewer than a training step's), backward, and one engine step whose
-    optimizer call is update_hessian(). The engine divides each backward by the accumulation
-    steps; the loss is rescaled so the gradient is the mean over the Hessian batch."""
+    optimizer call is update_hessian(). Each micro-batch's loss is scaled by its ``weight``
+    (hessian_batches), so the gradient is the mean over the Hessian batch."""
     engine.train()
     losses = []
-    rescale = engine.gradient_accumulation_steps() / len(batches)
     try:
         for batch, u in zip(batches, uniforms):
             engine.set_gradient_accumulation_boundary(batch is batches[-1])
             loss = sampled_label_loss(engine(batch.tokens), u, batch.loss_mask, vocab_size, tp_group)
-            engine.backward(loss * rescale)
+            engine.backward(loss * batch.weight)
             losses.append(loss.detach())
         with redirected_step(engine, client_optimizer, client_optimizer.update_hessian):
             engine.step()
@@ -230,24 +259,25 @@ def pipeline_train_step(engine, client_optimizer, batches: List[MicroBatch]) -> 
 def pipeline_hessian_step(engine, client_optimizer, batches: List[MicroBatch], uniforms: List[torch.Tensor],
                           vocab_size: int, tp_group=None) -> float:
     """The Hessian refresh under the PipelineEngine: the schedule runs len(batches) micro-batches,
-    the last stage's loss function samples labels (the uniforms travel in the labels slot of the
-    batch), and the schedule's optimizer step is redirected to update_hessian()."""
+    the last stage's loss function samples labels (the uniforms and each micro-batch's weight
+    travel in the labels slot of the batch), and the schedule's optimizer step is redirected to
+    update_hessian(). Returns the schedule's mean of the weighted losses."""
     module = engine.module
     original, micro_batches = module.loss_fn, engine.micro_batches
-    rescale = engine.gradient_accumulation_steps() / len(batches)
 
-    def gnb(logits, uniforms_and_mask):
-        u, mask = uniforms_and_mask
-        return sampled_label_loss(logits, u, mask, vocab_size, tp_group) * rescale
+    def gnb(logits, uniforms_mask_weight):
+        u, mask, weight = uniforms_mask_weight
+        return sampled_label_loss(logits, u, mask, vocab_size, tp_group) * weight
 
     module.loss_fn, engine.micro_batches = gnb, len(batches)
     try:
-        data = iter([(b.tokens, (u, b.loss_mask)) for b, u in zip(batches, uniforms)])
+        data = iter([(b.tokens, (u, b.loss_mask, torch.tensor(b.weight, dtype=torch.float32)))
+                     for b, u in zip(batches, uniforms)])
         with redirected_step(engine, client_optimizer, client_optimizer.update_hessian):
             loss = engine.train_batch(data_iter=data)
     finally:
         module.loss_fn, engine.micro_batches = original, micro_batches
-    return float(loss) / rescale
+    return float(loss)
 
 
 def hessian_uniforms(seed: int, hessian_step: int, batches: List[MicroBatch], seq_length: int) -> List[torch.Tensor]:

@@ -12,7 +12,7 @@ torch.load(weights_only=True). What the trainer writes (neox_sophia.training.che
                                        (ZeRO 1/2 only: per param group, in flat order, DeepSpeed's
                                        names), dp/mp_world_size, checkpoint_parallel_dimensions,
                                        ds_config, and our client state: step, scheduler,
-                                       nonfinite_steps
+                                       nonfinite_steps, data_position, good_checkpoint, run
       layer_{i:02d}-model_{t:02d}-model_states.pt
                                        PipelineModule layer i's state_dict on TP rank t (i: 0
                                        embedding, 1..L transformer layers, L+1 final norm, L+2 output
