@@ -87,7 +87,7 @@ def test_the_hutchinson_step_folds_u_hu_into_the_hessian_and_nothing_else(corpus
 
 def test_the_trainer_runs_every_estimator():
     from neox_sophia.optim.hessian import ESTIMATORS
-    from neox_sophia.training.loop import HESSIAN_REFRESHES
+    from neox_sophia.training.components import HESSIAN_REFRESHES
 
     assert set(HESSIAN_REFRESHES) == set(ESTIMATORS)
 
