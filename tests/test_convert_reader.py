@@ -16,7 +16,7 @@ import torch
 import yaml
 
 from tests.distributed import run_ranks
-from tests.test_training import QUICKSTART, corpus, overrides  # noqa: F401 (fixture)
+from tests.helpers import QUICKSTART, cli, overrides
 
 pytestmark = pytest.mark.distributed
 
@@ -83,7 +83,7 @@ def reference_worker(rank, world_size, sets):
 
 
 @pytest.fixture(scope="module")
-def trained(corpus, tmp_path_factory):  # noqa: F811
+def trained(corpus, tmp_path_factory):
     """layout -> (save dir, the live engine's state merged over ranks); each layout trains once."""
     cache = {}
 
@@ -315,8 +315,6 @@ def test_broken_checkpoints_raise_checkpoint_errors_naming_the_file(trained, tmp
 
 # ------------------------------------------------------------------ the CLI: convert, inspect, load_for_inference
 def _cli(*args):
-    from tests.test_training import cli
-
     return cli(list(args))
 
 
@@ -353,7 +351,7 @@ def _module_name(model, global_name):
     return next(by_param[id(p)] for n, p in global_named_parameters(model) if n == global_name)
 
 
-def test_hf_to_ours_to_hf_is_identical_and_trains_on(trained, tmp_path, corpus):  # noqa: F811
+def test_hf_to_ours_to_hf_is_identical_and_trains_on(trained, tmp_path, corpus):
     """from-hf writes a universal checkpoint at step 0 (fresh optimizer state) for the config's
     model; to-hf of it gives back the same tensors; `train` continues from it."""
     from safetensors.torch import load_file

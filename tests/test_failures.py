@@ -16,8 +16,7 @@ import pytest
 import torch
 
 from tests.distributed import free_port, run_ranks
-from tests.test_operations import as_args, start_rank, text, wait_for_line
-from tests.test_training import QUICKSTART, cli, corpus, overrides, read_metrics  # noqa: F401 (fixture)
+from tests.helpers import QUICKSTART, as_args, cli, overrides, read_metrics, start_rank, text, wait_for_line
 
 pytestmark = pytest.mark.distributed
 

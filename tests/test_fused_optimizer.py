@@ -11,7 +11,7 @@ import torch
 
 from neox_sophia.optim import Sophia, fused, kernels
 from tests.distributed import run_ranks
-from tests.test_sophia_update import GROUPS, check_flat_partitions_equal_separate_tensors, drive, hessian_case, make_params
+from tests.helpers import GROUPS, check_flat_partitions_equal_separate_tensors, drive, hessian_case, make_params
 
 
 @pytest.fixture(autouse=True)

@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from tests.test_training import ROOT
+from tests.helpers import ROOT
 
 pytestmark = pytest.mark.distributed
 
