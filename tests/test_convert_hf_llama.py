@@ -129,7 +129,8 @@ def test_unsupported_llama_files_are_refused(tmp_path):
     config = json.loads(path.read_text())
     for change, message in [({"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "rope_theta": 5e5}},
                              "rope type 'llama3'"), ({"head_dim": 32}, "head_dim: 32 is not hidden_size"),
-                            ({"hidden_act": "gelu_pytorch_tanh"}, "hidden_act: 'gelu_pytorch_tanh' cannot be expressed")]:
+                            ({"hidden_act": "gelu_pytorch_tanh"},
+                             "hidden_act: 'gelu_pytorch_tanh' cannot be expressed")]:
         path.write_text(json.dumps({**config, **change}))
         with pytest.raises(ValueError, match=message):
             model_config_from_hf(str(tmp_path / "src"))

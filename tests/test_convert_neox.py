@@ -78,8 +78,8 @@ def convert_neox_to_hf(save_dir, model, tp, sequential):
     norms = ["input_layernorm", "post_attention_layernorm"]
     for i in range(model.num_layers):
         s, p = neox_layer_states(save_dir, tp, i + 2, sequential), f"{top}layers.{i}."
-        mean = lambda key: sum(r[key] for r in s) / tp  # noqa: E731
-        cat = lambda key, dim: torch.cat([r[key] for r in s], dim=dim)  # noqa: E731
+        mean = lambda key, s=s: sum(r[key] for r in s) / tp  # noqa: E731
+        cat = lambda key, dim, s=s: torch.cat([r[key] for r in s], dim=dim)  # noqa: E731
         if llama:
             hf[p + "self_attn.o_proj.weight"] = cat("attention.dense.weight", 1)
             hf[p + "mlp.down_proj.weight"] = cat("mlp.linear2.weight", 1)

@@ -79,7 +79,8 @@ def reference_worker(rank, world_size, sets):
         weights[name] = full(w, p).clone()
     marked = {name: (p.partition_dim if getattr(p, "tensor_model_parallel", False) else None) for name, p in named}
     return {"weights": weights, "module": full_state_dict(engine.module), "state": state,
-            "tp_disagreements": [(n, d, tensor_parallel_dim(n)) for n, d in marked.items() if tensor_parallel_dim(n) != d]}
+            "tp_disagreements": [(n, d, tensor_parallel_dim(n)) for n, d in marked.items()
+                                 if tensor_parallel_dim(n) != d]}
 
 
 @pytest.fixture(scope="module")
@@ -378,7 +379,8 @@ def test_inspect_and_consolidate_on_the_command_line(trained, tmp_path):
     save_dir, _ = trained("tp2-pp2-zero1")
     shown = _cli("inspect", save_dir)
     assert shown.returncode == 0, shown.stderr[-2000:]
-    assert "tp 2" in shown.stdout and "clip_frac" in shown.stdout and "layers.1.mlp.dense_4h_to_h.weight" in shown.stdout
+    assert "tp 2" in shown.stdout and "clip_frac" in shown.stdout
+    assert "layers.1.mlp.dense_4h_to_h.weight" in shown.stdout
     as_json = json.loads(_cli("inspect", save_dir, "--json").stdout)
     assert as_json["step"] == 4 and as_json["layout"]["pp"] == 2
     out = str(tmp_path / "universal")

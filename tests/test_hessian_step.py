@@ -86,9 +86,9 @@ def settings(corpus, run_dir, pipe, precision, stage, *extra):
 UNCHANGED = ("params_same", "exp_avg_same", "counters_same", "lr_same", "step_same")
 
 
-@pytest.mark.parametrize("pipe,precision,stage", [(0, "fp32", 0), (1, "fp32", 1), (0, "bfloat16", 0), (0, "bfloat16", 1),
-                                                  (1, "bfloat16", 0), (0, "fp16", 1), (0, "fp16", 2),
-                                                  (1, "fp16", 1)])
+@pytest.mark.parametrize("pipe,precision,stage", [(0, "fp32", 0), (1, "fp32", 1), (0, "bfloat16", 0),
+                                                  (0, "bfloat16", 1), (1, "bfloat16", 0), (0, "fp16", 1),
+                                                  (0, "fp16", 2), (1, "fp16", 1)])
 def test_the_hessian_step_changes_only_the_hessian(corpus, tmp_path, pipe, precision, stage):
     """Half the accumulation steps by default. From h = 0, one refresh gives
     h = (1 - beta2) * g*g, so sum(h) = (1 - beta2) * |g|^2 = (1 - beta2) * CLIP^2 exactly when the

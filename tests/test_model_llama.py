@@ -79,8 +79,9 @@ def test_the_sliding_window_is_neox_window_plus_one_in_hugging_face():
 def test_gated_widths_follow_neox_rounding():
     """NeoX's ParallelMLP: LLaMA-7B's intermediate_size 32768 with mlp_multiple_of 256 is 11008 per
     branch; Mistral's published 14336 with multiple 1 gives mismatched matrices (refused)."""
-    seven_b = ModelConfig(num_layers=1, hidden_size=4096, num_attention_heads=32, seq_length=8, max_position_embeddings=8,
-                          pos_emb="rotary", activation="swiglu", intermediate_size=32768, mlp_multiple_of=256)
+    seven_b = ModelConfig(num_layers=1, hidden_size=4096, num_attention_heads=32, seq_length=8,
+                          max_position_embeddings=8, pos_emb="rotary", activation="swiglu", intermediate_size=32768,
+                          mlp_multiple_of=256)
     assert seven_b.mlp_widths == (22016, 11008) and seven_b.ffn_hidden_size == 11008
     seven_b.intermediate_size = None  # 4h -> int(2/3 x 16384) = 10922 -> 5632 per branch
     assert seven_b.mlp_widths == (11264, 5632)
@@ -103,7 +104,8 @@ def tp2_worker(rank, world_size):
         args = LLAMA_VARIANTS[variant]
         model = GPTNeoX(llama_config(*args), PADDED, grid, seed=LLAMA_SEED).eval()
         qkv = model.layers[0].attention.query_key_value.weight.shape[0]
-        out[variant] = {"logits": model.full_logits(llama_tokens()), "weights": model.full_state_dict(), "qkv_rows": qkv}
+        out[variant] = {"logits": model.full_logits(llama_tokens()), "weights": model.full_state_dict(),
+                        "qkv_rows": qkv}
     return out
 
 

@@ -40,7 +40,8 @@ def resume_worker(rank, world_size, sets):
                                       "state": optimizer_state_by_name(run.engine, run.optimizer),
                                       "groups": [{k: g.get(k) for k in ("name", "hessian_updates", "hessian_floor")}
                                                  for g in run.optimizer.param_groups]}
-    bs = sorted({g["bs"] for g in run.optimizer.param_groups if g.get("bs") is not None})  # Sophia's tokens per Hessian batch
+    # Sophia's tokens per Hessian batch
+    bs = sorted({g["bs"] for g in run.optimizer.param_groups if g.get("bs") is not None})
     result = train_loop(run, start, nonfinite)
     return {"start": start, "loss": result.train_loss, "loaded": loaded, "bs": bs}
 

@@ -178,7 +178,7 @@ def test_representatives_train_switched_to_sophia_and_adamw(corpus, tmp_path):
     results = run_ranks(train_worker, 1, args=(runs,))[0]
     assert [r["optimizer"] for r in results] == ["sophia", "sophia", "adamw"]
     for r in results:
-        assert sorted(r["loss"]) == [1, 2, 3, 4] and all(l == l and l < 20 for l in r["loss"].values())
+        assert sorted(r["loss"]) == [1, 2, 3, 4] and all(loss == loss and loss < 20 for loss in r["loss"].values())
         assert sorted(r["val"]) == [2, 4]
     assert [r["hessian_updates"] for r in results] == [2, 2, 0]
 
