@@ -218,6 +218,7 @@ def refusal_line(stderr: str, command: str) -> str:
     return lines[0].split(": ", 1)[1]
 
 
+@pytest.mark.distributed  # starts `neox-sophia train` in a subprocess
 def test_plan_and_train_refuse_fp16_at_zero_stage_0_with_the_same_line(tmp_path):
     """NeoX's own pythia/14M.yml: fp16 at ZeRO stage 0, which this DeepSpeed mishandles."""
     config = os.path.join(UPSTREAM, "gpt-neox", "pythia", "14M.yml")
