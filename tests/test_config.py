@@ -438,3 +438,13 @@ def test_hessian_batch_is_the_same_global_sequences_at_every_layout(write):
     sized = load(write("c.yml", base + ', "train_batch_size": 16, "train_micro_batch_size_per_gpu": 2}'),
                  write("q.yml", SOPHIA), overrides=["optimizer.params.hessian_batch_size=12"])
     assert [sized.hessian_batch(world_size=w) for w in (1, 2, 4)] == [(12, 6), (12, 3), (12, 2)]
+
+
+def test_every_model_choice_the_config_accepts_has_an_implementation():
+    """config.model names what the model keys may say; the model implements each name."""
+    from neox_sophia.config.model import ACTIVATION_CHOICES, GATED_HF_ACT, NORM_CHOICES
+    from neox_sophia.model.components import ACTIVATIONS, GATED_ACTIVATIONS, NORMS
+
+    assert set(NORM_CHOICES) == set(NORMS)
+    assert set(ACTIVATION_CHOICES) == set(ACTIVATIONS)
+    assert set(GATED_HF_ACT) == set(GATED_ACTIVATIONS)

@@ -326,7 +326,7 @@ def test_to_hf_from_a_tp2_or_pp2_checkpoint_reproduces_our_logits(trained, tmp_p
     checkpoint (load_for_inference, one process), and of the live engine's weights."""
     from transformers import GPTNeoXForCausalLM
 
-    from neox_sophia.model import load_for_inference
+    from neox_sophia.inference import load_for_inference
 
     save_dir, ref = trained(layout)
     out = str(tmp_path / "hf")

@@ -64,6 +64,8 @@ def sharded_state(engine, sophia):
 def worker(rank, world_size, stage, ckpt_dir):
     import deepspeed
 
+    from neox_sophia.training.steps import redirected_step
+
     deepspeed.init_distributed(dist_backend="gloo")
     model = make_model()
     sophia = make_optimizer(model)
@@ -78,7 +80,7 @@ def worker(rank, world_size, stage, ckpt_dir):
             before = [p.detach().clone() for p in engine.module.parameters()]
             x, y = batch(step, "hessian")
             engine.backward(loss_fn(engine, x[rows], y[rows]))
-            with sophia.hessian_mode():
+            with redirected_step(engine, sophia, sophia.update_hessian):
                 engine.step()
             hessian_step_moved.append(any(not torch.equal(a, b) for a, b in
                                           zip(before, engine.module.parameters())))

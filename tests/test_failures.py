@@ -124,14 +124,15 @@ def nonfinite_save_worker(rank, world_size, sets):
     import io
 
     from neox_sophia.config import load_config
-    from neox_sophia.training.loop import _save, setup, train_loop
+    from neox_sophia.training.components import Checkpointing
+    from neox_sophia.training.loop import setup, train_loop
 
     run = setup(load_config([QUICKSTART], sets, warn=False))
     train_loop(run)  # 2 steps, saved at 2
     next(run.engine.module.parameters()).data.view(-1)[0] = float("inf")
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        written = _save(run, 3, 0)
+        written = Checkpointing(run, 0).save(run, 3, 0)
     return written, printed.getvalue()
 
 
@@ -164,13 +165,13 @@ def resume_worker(rank, world_size, first, second):
     import io
 
     from neox_sophia.config import load_config
-    from neox_sophia.training.loop import _resume, setup, train_loop
+    from neox_sophia.training.loop import resume_from_load, setup, train_loop
 
     train_loop(setup(load_config([QUICKSTART], first, warn=False)))
     run = setup(load_config([QUICKSTART], second, warn=False))
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        start, nonfinite = _resume(run)
+        start, nonfinite = resume_from_load(run)
     groups = [{key: group[key] for key in ("rho", "betas", "eps", "bs", "weight_decay")}
               for group in run.optimizer.param_groups]
     train_loop(run, start, nonfinite)
@@ -320,13 +321,13 @@ def test_a_first_run_with_load_spelled_differently_from_save_starts(corpus, tmp_
 
 
 def test_load_and_save_are_compared_as_resolved_paths(tmp_path):
-    from neox_sophia.training.loop import _first_run
+    from neox_sophia.training.loop import first_run
 
     save = str(tmp_path / "ckpt")
-    assert _first_run(save + "/", save) and _first_run(str(tmp_path / "." / "ckpt"), save)
+    assert first_run(save + "/", save) and first_run(str(tmp_path / "." / "ckpt"), save)
     os.symlink(save, str(tmp_path / "link"))
-    assert _first_run(str(tmp_path / "link"), save)
-    assert not _first_run(str(tmp_path / "other"), save)
+    assert first_run(str(tmp_path / "link"), save)
+    assert not first_run(str(tmp_path / "other"), save)
 
 
 def test_what_a_killed_save_leaves_is_cleaned_and_only_that(tmp_path):
@@ -361,7 +362,7 @@ def test_what_a_killed_save_leaves_is_cleaned_and_only_that(tmp_path):
 def damaged_files_worker(rank, world_size, sets, save, damaged):
     from neox_sophia.config import load_config
     from neox_sophia.training.checkpoint import CheckpointError
-    from neox_sophia.training.loop import _resume, setup, train_loop
+    from neox_sophia.training.loop import resume_from_load, setup, train_loop
 
     run = setup(load_config([QUICKSTART], sets, warn=False))
     train_loop(run)
@@ -373,7 +374,7 @@ def damaged_files_worker(rank, world_size, sets, save, damaged):
             f.write(b"\x80not what was written")
         run.cfg.checkpoint.load = copy
         try:
-            _resume(run)
+            resume_from_load(run)
         except CheckpointError as e:
             messages[name] = str(e)
     return messages

@@ -19,10 +19,10 @@ ADAMW = "optimizer={type: adamw, params: {lr: 2.0e-3, betas: [0.9, 0.95]}}"
 def resume_worker(rank, world_size, sets):
     from neox_sophia.config import load_config
     from neox_sophia.model.gpt_neox import full_state_dict
-    from neox_sophia.training.loop import _resume, setup, train_loop
+    from neox_sophia.training.loop import resume_from_load, setup, train_loop
 
     run = setup(load_config([QUICKSTART], sets, warn=False))
-    start, _ = _resume(run)
+    start, _ = resume_from_load(run)
     loaded = full_state_dict(run.engine.module)
     lr_at_start = (run.scheduler.get_last_lr()[0], run.cfg.lr_schedule().lr_at(0), run.cfg.lr_schedule().lr_at(start))
     result = train_loop(run, start)
@@ -76,11 +76,11 @@ def test_finetune_from_our_own_save_dir_at_another_layout_starts_at_step_0(corpu
 
 
 def _resume_of(tmp_path, **checkpoint):
-    from neox_sophia.training.loop import _resume
+    from neox_sophia.training.loop import resume_from_load
 
     fields = dict(load=None, save=None, finetune=False, no_load_optim=False)
     fields.update(checkpoint)
-    return _resume(SimpleNamespace(cfg=SimpleNamespace(checkpoint=SimpleNamespace(**fields))))
+    return resume_from_load(SimpleNamespace(cfg=SimpleNamespace(checkpoint=SimpleNamespace(**fields))))
 
 
 def test_a_neox_checkpoint_without_finetune_or_no_load_optim_is_refused_in_one_line(tmp_path):

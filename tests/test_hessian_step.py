@@ -36,10 +36,10 @@ def hessian_step_worker(rank, world_size, sets, overflow=False):
     allow_fp16_on_cpu()
     from neox_sophia.config import load_config
     from neox_sophia.training import steps
-    from neox_sophia.training.loop import RunResult, _one_step, setup
+    from neox_sophia.training.loop import RunResult, train_step, setup
 
     run = setup(load_config([QUICKSTART], sets, warn=False))
-    _one_step(run, 0, RunResult(0))  # step 0: a real update (k=3: no Hessian step yet)
+    train_step(run, 0, RunResult(0))  # step 0: a real update (k=3: no Hessian step yet)
     snap = lambda: {k: v.detach().clone() for k, v in run.engine.module.named_parameters()}  # noqa: E731
     state = lambda key: [s[key].clone() for s in run.optimizer.state.values()]  # noqa: E731
     before = dict(params=snap(), exp_avg=state("exp_avg"), hessian=state("hessian"),
@@ -70,7 +70,7 @@ def hessian_step_worker(rank, world_size, sets, overflow=False):
            "micro_batches": micro_batches, "beta2": run.optimizer.param_groups[0]["betas"][1],
            "hessian_sum": float(sum(h.double().sum() for h in after["hessian"])),
            "overflow": overflow, "rejected": float(sum(state("hessian_rejected")))}
-    _one_step(run, 1, RunResult(0))
+    train_step(run, 1, RunResult(0))
     out["next_step_applied"] = any(not torch.equal(after["params"][k], v) for k, v in snap().items())
     hessian_step(1)
     out["next_hessian_changed"] = any(not torch.equal(a, b) for a, b in zip(after["hessian"], state("hessian")))

@@ -24,14 +24,14 @@ def compiled_and_eager_worker(rank, world_size, sets):
     from torch._dynamo.utils import counters
 
     from neox_sophia.config import load_config
-    from neox_sophia.training.loop import RunResult, _one_step, setup
+    from neox_sophia.training.loop import RunResult, train_step, setup
 
     runs = {flag: setup(load_config([QUICKSTART], sets + [f"compile_model={flag}"], warn=False))
             for flag in ("false", "true")}
     results = {flag: RunResult(0) for flag in runs}
     for step in range(STEPS):
         for flag, run in runs.items():
-            _one_step(run, step, results[flag])
+            train_step(run, step, results[flag])
     names = {flag: [name for name, _ in run.engine.module.state_dict().items()] for flag, run in runs.items()}
     return {"loss": {flag: [r.train_loss[s + 1] for s in range(STEPS)] for flag, r in results.items()},
             "graphs": counters["stats"]["unique_graphs"], "captured": counters["stats"]["calls_captured"],

@@ -276,7 +276,7 @@ def test_eval_iters_counts_batches_of_train_batch_size_as_neox(monkeypatch):
     seen = {}
     for rank in range(4):
         run = loop.Run(cfg, None, None, None, types.SimpleNamespace(dp_rank=rank), layout, 512, None,
-                       [sample] * 200, torch.device("cpu"))
+                       [sample] * 200, torch.device("cpu"), schedule=None, hessian=None)
         for evaluation in (0, 1):
             batches = run.eval_micro_batches(evaluation)
             assert len(batches) == 2 * 3  # eval_iters x gradient_accumulation_steps per rank
@@ -284,7 +284,7 @@ def test_eval_iters_counts_batches_of_train_batch_size_as_neox(monkeypatch):
     assert sorted(seen[0]) == list(range(48)) and sorted(seen[1]) == list(range(48, 96))  # 2 x 24 each
     asked = {}
     monkeypatch.setattr(datasets, "build_datasets", lambda data, **k: asked.update(k) or ("train", "valid", None))
-    loop._datasets(cfg, layout, tokenizer=None)
+    loop._datasets(cfg, layout, None, loop._sample_schedule(cfg, layout))
     assert asked["num_samples"][1] == (50 // 20 + 1) * 2 * 24
 
 

@@ -31,11 +31,11 @@ LAYOUTS = {
 def resume_worker(rank, world_size, sets):
     from neox_sophia.config import load_config
     from neox_sophia.model.gpt_neox import full_state_dict
-    from neox_sophia.training.loop import _resume, setup, train_loop
+    from neox_sophia.training.loop import resume_from_load, setup, train_loop
     from tests.gathered import optimizer_state_by_name
 
     run = setup(load_config([QUICKSTART], sets, warn=False))
-    start, nonfinite = _resume(run)
+    start, nonfinite = resume_from_load(run)
     loaded = None if start == 0 else {"weights": full_state_dict(run.engine.module),
                                       "state": optimizer_state_by_name(run.engine, run.optimizer),
                                       "groups": [{k: g.get(k) for k in ("name", "hessian_updates", "hessian_floor")}

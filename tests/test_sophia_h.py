@@ -20,12 +20,13 @@ def hutchinson_step_worker(rank, world_size, sets):
     from neox_sophia.model.layers import lm_loss
     from neox_sophia.optim.hessian import hutchinson_fd
     from neox_sophia.parallel.probes import parameter_probes
-    from neox_sophia.training.loop import HESSIAN_REFRESHES, RunResult, _one_step, setup
+    from neox_sophia.training.components import HESSIAN_REFRESHES
+    from neox_sophia.training.loop import RunResult, setup, train_step
     from tests.gathered import optimizer_state_by_name
 
     run = setup(load_config([QUICKSTART], sets, warn=False))
     engine, optimizer = run.engine, run.optimizer
-    _one_step(run, 0, RunResult(0))  # a real update (k = 3: no refresh yet)
+    train_step(run, 0, RunResult(0))  # a real update (k = 3: no refresh yet)
     named = list(global_named_parameters(engine.module))
     batches = run.hessian_micro_batches(0)
 
@@ -53,7 +54,7 @@ def hutchinson_step_worker(rank, world_size, sets):
            "hessian": {n: s["hessian"] for n, s in state.items()},
            "expected": {n: (1 - beta2) * e.detach() for (n, _), e in zip(named, expected)},
            "win_rate_before": before["win_rate"], "masters": len(before["masters"])}
-    _one_step(run, 1, RunResult(0))
+    train_step(run, 1, RunResult(0))
     out["win_rate_after"] = optimizer.statistics().win_rate
     return out
 

@@ -19,10 +19,10 @@ pytestmark = pytest.mark.distributed
 def train_worker(rank, world_size, sets):
     from neox_sophia.config import load_config
     from neox_sophia.model.gpt_neox import full_state_dict
-    from neox_sophia.training.loop import _resume, setup, train_loop
+    from neox_sophia.training.loop import resume_from_load, setup, train_loop
 
     run = setup(load_config([QUICKSTART], sets, warn=False))
-    start, nonfinite = _resume(run)
+    start, nonfinite = resume_from_load(run)
     result = train_loop(run, start, nonfinite)
     hessian = [s["hessian"].clone() for s in run.optimizer.state.values() if "hessian" in s]
     return {"loss": result.train_loss, "val": result.val_loss, "hessian_updates": result.hessian_updates,

@@ -52,13 +52,13 @@ def _sync() -> None:
 def _block(run, start: int, k: int, result=None) -> List[float]:
     """Seconds of each of the iterations start .. start + k - 1 (their losses go into ``result``,
     a RunResult, when given)."""
-    from neox_sophia.training.loop import RunResult, _one_step
+    from neox_sophia.training.loop import RunResult, train_step
 
     result, times = result or RunResult(start), []
     for step in range(start, start + k):
         _sync()
         t0 = time.perf_counter()
-        _one_step(run, step, result)
+        train_step(run, step, result)
         _sync()
         times.append(time.perf_counter() - t0)
     return times

@@ -175,7 +175,7 @@ def estimate(bench: Bench, steps: int) -> dict:
     refreshes) and project the grid's wall clock (sequential, one variant)."""
     import gc
 
-    from neox_sophia.training.loop import RunResult, _one_step, setup
+    from neox_sophia.training.loop import RunResult, train_step, setup
 
     a = bench.args
     per_step = {}
@@ -183,10 +183,10 @@ def estimate(bench: Bench, steps: int) -> dict:
                           ("sophia", floats(a.sophia_lr)[0], floats(a.sophia_rho)[0])):
         run = setup(bench.config(name, lr, rho))
         result = RunResult(0)
-        _one_step(run, 0, result)  # first step: allocations
+        train_step(run, 0, result)  # first step: allocations
         t0 = time.perf_counter()
         for step in range(1, steps + 1):
-            _one_step(run, step, result)
+            train_step(run, step, result)
         per_step[name] = (time.perf_counter() - t0) / steps
         del run
         gc.collect()

@@ -90,11 +90,12 @@ def timed_training(run) -> Tuple[float, dict, float, Optional[object], Optional[
     model's validation loss, curve, eval seconds, the RunResult or None, the TrainingError
     message or None)."""
     from neox_sophia.training import loop
+    from neox_sophia.training.components import Hooks
+    from neox_sophia.training.steps import evaluate
 
     fixed = fixed_eval_batches(run)
     curve = {"step": [], "seconds": [], "val_loss": []}
     clock = {"eval": 0.0}
-    evaluate = loop.evaluate
 
     def timed_evaluate(engine, batches, pipeline, *rest):
         # train_loop evaluates at every eval_interval; here on the fixed set, and the clock
@@ -109,17 +110,14 @@ def timed_training(run) -> Tuple[float, dict, float, Optional[object], Optional[
 
     initial = evaluate(run.engine, fixed, run.pipeline)  # the divergence bar
     error, result = None, None
-    loop.evaluate = timed_evaluate
     try:
         _sync()
         clock["start"] = time.perf_counter()
-        result = loop.train_loop(run)
+        result = loop.train_loop(run, hooks=Hooks(evaluate=timed_evaluate))
     except loop.TrainingError as err:  # too many non-finite steps in a row: a diverged point
         error = str(err)
         curve["val_loss"].append(None)  # the run's end, not finite
         curve["seconds"].append(time.perf_counter() - clock["start"] - clock["eval"])
-    finally:
-        loop.evaluate = evaluate
     interval = run.cfg.logging.eval_interval  # train_loop evaluates at every multiple of it
     curve["step"] = [interval * (i + 1) for i in range(len(curve["val_loss"]))]
     if error:

@@ -5,10 +5,28 @@ cannot honour raise ConfigError naming the key and what to set instead.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 from neox_sophia.config.base import ConfigError
+
+# What the model keys may name. The model implements each (neox_sophia.model.components keys its
+# modules and functions by these names; a test checks that every name has one).
+NORM_CHOICES = ("layernorm", "rmsnorm")
+ACTIVATION_CHOICES = ("gelu",)
+GATED_HF_ACT = {"swiglu": "silu", "geglu": "gelu", "reglu": "relu"}
+"""Gated activations (down_proj(act(gate_proj(x)) * up_proj(x))) -> the Hugging Face hidden_act
+that names the same gate function."""
+
+INIT_STDS: Dict[str, Callable[["ModelConfig"], float]] = {
+    "normal": lambda c: c.init_method_std,
+    "scaled_normal": lambda c: c.init_method_std / math.sqrt(2.0 * c.num_layers),
+    "small_init": lambda c: math.sqrt(2.0 / (5.0 * c.hidden_size)),
+    "wang_init": lambda c: 2.0 / c.num_layers / math.sqrt(c.hidden_size),
+}
+"""init_method / output_layer_init_method -> std(config): NeoX's init functions
+(megatron/model/init_functions.py), normal family."""
 
 
 @dataclass
@@ -108,12 +126,10 @@ class ModelConfig:
                 raise ConfigError(f"{key}: must be in [0, 1) (got {getattr(self, key)})")
 
     def _validate_choices(self) -> None:
-        from neox_sophia.model.components import ACTIVATIONS, GATED_ACTIVATIONS, NORMS
-        from neox_sophia.model.init import INIT_STDS  # the registry of init methods
-
-        activations = sorted(ACTIVATIONS) + sorted(GATED_ACTIVATIONS)
+        activations = sorted(ACTIVATION_CHOICES) + sorted(GATED_HF_ACT)
         unsupported = {
-            "norm": (self.norm not in NORMS, f"'{self.norm}' is not implemented; choose one of {sorted(NORMS)}"),
+            "norm": (self.norm not in NORM_CHOICES,
+                     f"'{self.norm}' is not implemented; choose one of {sorted(NORM_CHOICES)}"),
             "pos_emb": (self.pos_emb != "rotary",
                         f"'{self.pos_emb}' is not implemented; set pos_emb: rotary"),
             "gpt_j_tied": (self.gpt_j_tied, "tied parallel-residual norms are not supported"),
@@ -203,9 +219,7 @@ class ModelConfig:
 
     @property
     def gated(self) -> bool:
-        from neox_sophia.model.components import GATED_ACTIVATIONS
-
-        return self.activation in GATED_ACTIVATIONS
+        return self.activation in GATED_HF_ACT
 
     @property
     def mlp_widths(self) -> Tuple[int, int]:

@@ -28,7 +28,7 @@ import torch
 
 from neox_sophia.config.model import ModelConfig
 from neox_sophia.convert.hf_arch import HFArchitecture, Tensors, integral, plain_rope, untie
-from neox_sophia.model.components import GATED_HF_ACT
+from neox_sophia.config.model import GATED_HF_ACT
 
 LLAMA_DEFAULTS = {  # LlamaConfig's defaults (transformers 5.24), for keys a config.json leaves out
     "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,

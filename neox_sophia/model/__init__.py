@@ -18,12 +18,4 @@ def build_model(cfg: ModelConfig, parallel: ParallelConfig, padded_vocab_size: i
     return build_pipeline(cfg, parallel, padded_vocab_size, grid, seed, dtype)
 
 
-def load_for_inference(save_dir: str, step=None, dtype: torch.dtype = torch.float32, device="cpu") -> nn.Module:
-    """A checkpoint saved at any TP x PP x ZeRO layout (or a universal one) as a single-process
-    module: token ids [B, S] -> logits [B, S, padded vocab]. See neox_sophia.model.inference."""
-    from neox_sophia.model.inference import load_for_inference as load
-
-    return load(save_dir, step, dtype, device)
-
-
-__all__ = ["GPTNeoX", "build_blocks", "build_model", "load_for_inference"]
+__all__ = ["GPTNeoX", "build_blocks", "build_model"]

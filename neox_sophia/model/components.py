@@ -54,13 +54,12 @@ def _gelu(cfg) -> Callable[[torch.Tensor], torch.Tensor]:
 ACTIVATIONS: Dict[str, Callable] = {"gelu": _gelu}
 
 # activation name -> gate function: the gated MLP, down_proj(act(gate_proj(x)) * up_proj(x)),
-# and the Hugging Face hidden_act that names the same function
+# (config.model.GATED_HF_ACT names the Hugging Face hidden_act of each)
 GATED_ACTIVATIONS: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "swiglu": F.silu,
     "geglu": lambda x: F.gelu(x, approximate="none"),
     "reglu": F.relu,
 }
-GATED_HF_ACT = {"swiglu": "silu", "geglu": "gelu", "reglu": "relu"}
 
 
-__all__ = ["RMSNorm", "NORMS", "make_norm", "ACTIVATIONS", "GATED_ACTIVATIONS", "GATED_HF_ACT"]
+__all__ = ["RMSNorm", "NORMS", "make_norm", "ACTIVATIONS", "GATED_ACTIVATIONS"]

@@ -7,21 +7,12 @@ which a pipeline stage builds its layers does not matter.
 """
 from __future__ import annotations
 
-import math
 import zlib
-from typing import Callable, Dict
 
 import torch
 
-from neox_sophia.config.model import ConfigError, ModelConfig
-
-# name -> std(config). NeoX's init functions (megatron/model/init_functions.py), normal family.
-INIT_STDS: Dict[str, Callable[[ModelConfig], float]] = {
-    "normal": lambda c: c.init_method_std,
-    "scaled_normal": lambda c: c.init_method_std / math.sqrt(2.0 * c.num_layers),
-    "small_init": lambda c: math.sqrt(2.0 / (5.0 * c.hidden_size)),
-    "wang_init": lambda c: 2.0 / c.num_layers / math.sqrt(c.hidden_size),
-}
+from neox_sophia.config.base import ConfigError
+from neox_sophia.config.model import INIT_STDS, ModelConfig
 
 
 def init_std(cfg: ModelConfig, method: str, key: str) -> float:

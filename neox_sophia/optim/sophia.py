@@ -24,9 +24,8 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -150,7 +149,6 @@ class Sophia(torch.optim.Optimizer):
                         foreach=foreach, maximize=maximize, fused=fused)
         validate_hyperparameters(defaults)
         super().__init__(params, defaults)
-        self._hessian_mode = False
 
     def add_param_group(self, param_group: dict) -> None:
         if isinstance(param_group.get("betas"), list):
@@ -160,10 +158,6 @@ class Sophia(torch.optim.Optimizer):
         group.setdefault("hessian_updates", 0)
         group.setdefault("hessian_floor", 0.0)
         validate_hyperparameters(group)
-
-    def __setstate__(self, state: dict) -> None:
-        super().__setstate__(state)
-        self.__dict__.setdefault("_hessian_mode", False)
 
     def load_state_dict(self, state_dict: dict) -> None:
         # torch casts every state tensor but `step` to the parameter's dtype; a count of
@@ -227,33 +221,12 @@ class Sophia(torch.optim.Optimizer):
         return device.type in ("cpu", "cuda")
 
     # ----------------------------------------------------------------------------- update
-    @contextmanager
-    def hessian_mode(self, enabled: bool = True) -> Iterator["Sophia"]:
-        """Within this block step() calls update_hessian() instead of updating parameters.
-
-        DeepSpeed ZeRO only ever calls step() on the optimizer it wraps (on its flat fp32
-        partitions, after reducing and clipping gradients), so this is how a Hessian step
-        reaches the sharded state through an unmodified engine.
-        """
-        previous, self._hessian_mode = self._hessian_mode, enabled
-        try:
-            yield self
-        finally:
-            self._hessian_mode = previous
-
-    @property
-    def in_hessian_mode(self) -> bool:
-        return self._hessian_mode
-
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self._hessian_mode:
-            self.update_hessian()
-            return loss
         for group in self.param_groups:
             params = self._params_with_grad(group)
             for (device, _), ps in self._by_device_and_dtype(params).items():

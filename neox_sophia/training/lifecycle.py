@@ -64,12 +64,15 @@ def marker_path(log_dir: str, rank: int) -> str:
     return os.path.join(log_dir, f"{MARKER_PREFIX}{rank:05d}")
 
 
+class TrainingError(RuntimeError):
+    """The run cannot go on (the message says why and what to change)."""
+
+
 def our_errors() -> tuple:
     """Errors whose one-line message says what to change (exit code 2, no traceback on stderr)."""
     from neox_sophia.config import ConfigError
     from neox_sophia.data.datasets import DataError
     from neox_sophia.training.checkpoint import CheckpointError
-    from neox_sophia.training.loop import TrainingError
 
     return ConfigError, DataError, TrainingError, CheckpointError, FileNotFoundError
 

@@ -22,9 +22,8 @@ loss diverges; the stop message names it and the command to resume from it).
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import TYPE_CHECKING, Callable, Dict, Optional
 
 import torch
 import torch.distributed as dist
@@ -33,23 +32,45 @@ from neox_sophia.config.neox import NeoXConfig
 from neox_sophia.convert.neox import is_neox_checkpoint
 from neox_sophia.data.datasets import sample_indices
 from neox_sophia.data.schedule import SampleSchedule
-from neox_sophia.parallel.topology import tensor_parallel_group
 from neox_sophia.training import checkpoint as ckpt
 from neox_sophia.training import resume, savelock
 from neox_sophia.training.checkpoint import is_universal
-from neox_sophia.training.finetune import load_weights_only, neox_needs_weights_only, weights_only
-from neox_sophia.training.lifecycle import StopSignals, log, signal_name
-from neox_sophia.training.metrics import Metrics, Progress
-from neox_sophia.training.preflight import check_free_space, check_output_folders, parameter_count, refuse_untrainable
-from neox_sophia.training.sophia_groups import refresh_hessian_floors, statistics_record
+from neox_sophia.training.components import (
+    Checkpointing,
+    Evaluation,
+    HessianRefresh,
+    Hooks,
+    MetricsLog,
+    grad_norm,
+    layout_record,
+)
+from neox_sophia.training.finetune import (
+    load_weights_only,
+    neox_needs_weights_only,
+    weights_only,
+)
+from neox_sophia.training.lifecycle import StopSignals, TrainingError, log, signal_name
+from neox_sophia.training.preflight import (
+    check_free_space,
+    check_output_folders,
+    parameter_count,
+    refuse_untrainable,
+)
+from neox_sophia.training.sophia_groups import refresh_hessian_floors
 from neox_sophia.training.startup import clock as startup
-from neox_sophia.training.steps import (collate, evaluate, hessian_batches, hessian_uniforms, on_every_rank,
-                                        pipeline_hessian_step, pipeline_train_step, plain_hessian_step,
-                                        plain_hutchinson_step, plain_train_step)
+from neox_sophia.training.steps import (
+    collate,
+    hessian_batches,
+    pipeline_train_step,
+    plain_train_step,
+)
 
+if TYPE_CHECKING:
+    import deepspeed
 
-class TrainingError(RuntimeError):
-    """The run cannot go on (the message says why and what to change)."""
+    from neox_sophia.config.neox import Layout
+    from neox_sophia.optim.schedules import AnnealingLR
+    from neox_sophia.parallel.topology import Grid
 
 
 @dataclass
@@ -66,18 +87,26 @@ class RunResult:
 
 @dataclass
 class Run:
+    """One rank's built run: the config, the DeepSpeed engine around the model and the optimizer,
+    the LR schedule, where this rank sits, the data, and the components the loop asks."""
     cfg: NeoXConfig
-    engine: object
+    engine: "deepspeed.DeepSpeedEngine"
+    """A PipelineEngine when pipe_parallel_size >= 1."""
     optimizer: torch.optim.Optimizer
-    scheduler: object
-    grid: object
-    layout: object
+    """The client optimizer (Sophia or torch's AdamW), which DeepSpeed wraps."""
+    scheduler: "AnnealingLR"
+    grid: "Grid"
+    layout: "Layout"
     vocab_size: int
-    train_data: object
-    valid_data: Optional[object]
+    """The tokenizer's (the model's is padded)."""
+    train_data: "torch.utils.data.Dataset"
+    """Sample i of the training stream (data/streams.py: epochs, blends)."""
+    valid_data: Optional["torch.utils.data.Dataset"]
     device: torch.device
     schedule: SampleSchedule
     """Where each step's and each Hessian refresh's samples are in the training stream."""
+    hessian: HessianRefresh
+    """Sophia's Hessian refresh, due every hessian_interval steps (never for AdamW)."""
     good_checkpoint: Optional[int] = None
     """The newest checkpoint whose next step had a finite loss: retention keeps it."""
 
@@ -178,7 +207,7 @@ def setup(cfg: NeoXConfig) -> Run:
     scheduler = AnnealingLR(optimizer, cfg.lr_schedule())
     startup.mark("engine")
     return Run(cfg, engine, optimizer, scheduler, grid, layout, tokenizer.vocab_size, train_data, valid_data, device,
-               schedule)
+               schedule, HessianRefresh(cfg))
 
 
 def _sample_schedule(cfg: NeoXConfig, layout) -> SampleSchedule:
@@ -201,14 +230,14 @@ def _datasets(cfg: NeoXConfig, layout, tokenizer, schedule: SampleSchedule):
     return train, (valid if cfg.logging.eval_iters > 0 else None)
 
 
-def _resume(run: Run) -> tuple:
+def resume_from_load(run: Run) -> tuple:
     """(step, non-finite steps so far) from `load`, or (0, 0) for a fresh start. `load` is a save
     directory saved at this run's layout (its latest complete checkpoint), one checkpoint folder
     in it, or a universal checkpoint (any layout); with finetune / no_load_optim, weights only from
     any of those or from a GPT-NeoX checkpoint. The settings are the config's (resume.py)."""
     c = run.cfg.checkpoint
     _clean_save_folder(c.save)
-    if not c.load or _first_run(c.load, c.save):
+    if not c.load or first_run(c.load, c.save):
         return 0, 0
     if weights_only(c):  # NeoX's finetune / no_load_optim (training/finetune.py)
         state = load_weights_only(run, c.load)
@@ -242,7 +271,7 @@ def _clean_save_folder(save: Optional[str]) -> None:
         dist.barrier()
 
 
-def _first_run(load: str, save: Optional[str]) -> bool:
+def first_run(load: str, save: Optional[str]) -> bool:
     """`load` is this run's own save folder (compared as resolved paths) and holds no checkpoint
     yet: the first run of a resumable setup, or one that died before its first checkpoint."""
     if not save or os.path.realpath(load) != os.path.realpath(save):
@@ -270,20 +299,11 @@ def _continue_stream(run: Run, step: int, state: Dict[str, object]) -> None:
     run.good_checkpoint = state.get("good_checkpoint")
 
 
-def _layout_record(run: Run) -> Dict[str, object]:
-    """What a checkpoint's files depend on: a DeepSpeed checkpoint resumes only at the same."""
-    return {"model_parallel_size": run.layout.tp, "pipe_parallel_size": run.cfg.parallel.pipe_parallel_size,
-            "data_parallel_size": run.layout.dp, "zero_stage": run.cfg.engine.zero_stage,
-            "precision": run.cfg.engine.resolved_precision,
-            # optimizer param groups, one per parameter role (earlier versions: two, by weight decay)
-            "param_groups": "by_role"}
-
-
 def _check_layout(run: Run, directory: str, tag: str) -> None:
     saved = ckpt.saved_layout(directory, tag)
     if saved is None:  # written before layouts were recorded
         return
-    current = _layout_record(run)
+    current = layout_record(run)
     differ = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}
     if differ:
         what = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in differ.items())
@@ -304,154 +324,63 @@ def _load_universal(run: Run, directory: str) -> tuple:
     return {**checkpoint.client_state, "step": checkpoint.step}, checkpoint.param_groups
 
 
-def _should_save(cfg: NeoXConfig, step: int) -> bool:
-    c = cfg.checkpoint
-    if not c.save:
-        return False
-    return (step == cfg.training.train_iters or (c.checkpoint_factor and step % c.checkpoint_factor == 0)
-            or step in (c.extra_save_iters or ()))
-
-
-def _save(run: Run, step: int, nonfinite: int) -> bool:
-    """Checkpoint ``step`` unless the weights or optimizer state hold a non-finite value (then say
-    so and keep the checkpoints there are); return whether it was written."""
-    bad = ckpt.nonfinite_tensor(run.engine.module, run.optimizer)
-    if not on_every_rank(bad is None, run.device):
-        where = f" ({bad})" if bad else ""
-        message = (f"step {step}: no checkpoint written: the weights or optimizer state are not finite{where}; "
-                   f"the checkpoints in {run.cfg.checkpoint.save} are kept")
-        log.warning("%s", message)
-        if dist.get_rank() == 0:
-            print(f"neox-sophia: {message}", flush=True)
-        return False
-    state = {"step": step, "scheduler": run.scheduler.state_dict(), "nonfinite_steps": nonfinite,
-             "data_position": run.schedule.position(step), "good_checkpoint": run.good_checkpoint,
-             "run": resume.run_record(run.cfg, run.layout)}
-    protect = [run.good_checkpoint] if run.good_checkpoint is not None else []
-    path = ckpt.save(run.engine, run.cfg.checkpoint.save, step, state, run.cfg.values,
-                     keep_last=run.cfg.checkpoint.keep_last_n_checkpoints, layout=_layout_record(run), protect=protect)
-    log.info("saved checkpoint %s", path)
-    return True
-
-
-def _in_save_folder(run: Run, step: int) -> bool:
-    save = run.cfg.checkpoint.save
-    return bool(step and save and os.path.isfile(os.path.join(save, ckpt.tag_for(step), ckpt.MARKER)))
-
-
-def _diverged(run: Run, step: int, in_a_row: int) -> TrainingError:
-    """The stop after max_nonfinite_steps: it names the checkpoint to go back to and how."""
-    cfg = run.cfg
-    head = (f"the loss was not finite for {in_a_row} steps in a row (step {step}; "
-            f"max_nonfinite_steps={cfg.training.max_nonfinite_steps})")
-    lr = cfg.optimizer.params.lr
-    change = f"--set optimizer.params.lr={lr / 2:g}" + (" (or a higher optimizer.params.rho)"
-                                                          if cfg.optimizer.type == "sophia" else "")
-    good = run.good_checkpoint
-    if good is None or not _in_save_folder(run, good):
-        return TrainingError(f"{head}; no checkpoint precedes it: start again with changed settings, e.g. {change}")
-    where = os.path.join(cfg.checkpoint.save, ckpt.tag_for(good))
-    return TrainingError(f"{head}; {where} is the newest checkpoint whose next step was finite: resume from it with "
-                         f"changed settings, i.e. the same command with --set load={where} and e.g. {change}")
-
-
-def _one_step(run: Run, step: int, result: RunResult) -> bool:
-    """Train step `step` (and its Hessian refresh); returns whether the update was applied."""
-    cfg = run.cfg
+def train_step(run: Run, step: int, result: RunResult) -> bool:
+    """Train step ``step`` (from 0) and, when due, its Hessian refresh; returns whether the update
+    was applied (False: a non-finite loss or gradient, the step skipped)."""
     batches = run.train_micro_batches(step)
-    if run.pipeline:
-        outcome = pipeline_train_step(run.engine, run.optimizer, batches)
-    else:
-        outcome = plain_train_step(run.engine, run.optimizer, batches)
+    outcome = (pipeline_train_step if run.pipeline else plain_train_step)(run.engine, run.optimizer, batches)
     if outcome.finite:
         run.scheduler.step()
-    result.grad_norm = _grad_norm(run.engine)  # before the Hessian step clips its own gradient
-    k = run.cfg.hessian_interval
-    if k and step % k == k - 1:
-        HESSIAN_REFRESHES[cfg.optimizer.params.estimator](run, step // k)
-        refresh_hessian_floors(run.optimizer)
+    result.grad_norm = grad_norm(run.engine)  # before the Hessian step clips its own gradient
+    if run.hessian.due(step):
+        run.hessian(run, step)
         result.hessian_updates += 1
     result.train_loss[step + 1] = outcome.loss
     return outcome.finite
 
 
-def _gnb_refresh(run: Run, refresh: int) -> None:
-    """Sophia-G: labels sampled from the model's softmax, keyed by global sample and position."""
-    batches = run.hessian_micro_batches(refresh)
-    uniforms = hessian_uniforms(run.cfg.training.seed, refresh, batches, run.cfg.model.seq_length)
-    step = pipeline_hessian_step if run.pipeline else plain_hessian_step
-    step(run.engine, run.optimizer, batches, uniforms, run.vocab_size, tensor_parallel_group())
-
-
-def _hutchinson_refresh(run: Run, refresh: int) -> None:
-    """Sophia-H: probes keyed by global parameter name and coordinate (the config refuses the
-    PipelineEngine and half precision for it)."""
-    from neox_sophia.model.gpt_neox import global_named_parameters
-    from neox_sophia.parallel.probes import parameter_probes
-
-    named = [(name, p) for name, p in global_named_parameters(run.engine.module) if p.requires_grad]
-    probes = parameter_probes(named, run.cfg.training.seed, refresh, run.grid.tp_rank, run.grid.tp_size)
-    plain_hutchinson_step(run.engine, run.optimizer, run.hessian_micro_batches(refresh), probes,
-                          run.cfg.optimizer.params.hutchinson_fd_eps)
-
-
-# optimizer.params.estimator -> the refresh the loop runs (the names of optim.hessian.ESTIMATORS)
-HESSIAN_REFRESHES = {"gnb": _gnb_refresh, "hutchinson": _hutchinson_refresh}
-
-
-def train_loop(run: Run, start_step: int = 0, nonfinite: int = 0,
-               signals: Optional[StopSignals] = None) -> RunResult:
+def train_loop(run: Run, start_step: int = 0, nonfinite: int = 0, signals: Optional[StopSignals] = None,
+               hooks: Optional[Hooks] = None) -> RunResult:
     """Train from ``start_step`` to train_iters. With ``signals`` (installed handlers; `train` gives
-    them) the ranks stop together, saved, at the first step boundary after a SIGTERM/SIGINT."""
-    cfg, lay = run.cfg, run.layout
-    t = cfg.training
-    rank = dist.get_rank()
-    metrics = Metrics(cfg.logging, rank, t.train_iters, cfg.values, start_step=start_step)
+    them) the ranks stop together, saved, at the first step boundary after a SIGTERM/SIGINT.
+    ``hooks``: what a tool or test attaches (training/components.py)."""
+    hooks = hooks or Hooks()
+    t = run.cfg.training
+    evaluation, checkpoints = Evaluation(run.cfg, hooks.evaluate), Checkpointing(run, start_step)
+    metrics = MetricsLog(run, start_step, lambda step: {"eval": evaluation.to_come(run, step),
+                                                        "save": checkpoints.to_come(step)})
     result = RunResult(start_step, nonfinite_steps=nonfinite)
-    progress, in_a_row, began = Progress(), 0, time.time()
-    step = start_step
-    saved_steps = {start_step} if _in_save_folder(run, start_step) else set()  # checkpoints of this timeline
+    step, in_a_row = start_step, 0
     log.info("training steps %d..%d", step + 1, t.train_iters)
     try:
         while step < t.train_iters:
             refreshes = result.hessian_updates
-            applied = _one_step(run, step, result)
+            applied = train_step(run, step, result)
             if not startup.reported:
-                startup.report(log, rank)
-            hessian_update = result.hessian_updates > refreshes
-            if applied and step in saved_steps:  # the checkpoint before this step led to a finite one
-                run.good_checkpoint = step
+                startup.report(log, dist.get_rank())
+            checkpoints.step_done(run, step, applied)
             step += 1
-            progress.step()
+            metrics.progress.step()
             in_a_row = 0 if applied else in_a_row + 1
             result.nonfinite_steps += 0 if applied else 1
             if in_a_row >= t.max_nonfinite_steps:
-                raise _diverged(run, step, in_a_row)
-            if step % cfg.logging.log_interval == 0 or step == t.train_iters:
-                record = {"step": step, "loss": result.train_loss[step], "lr": run.scheduler.get_lr(),
-                          "grad_norm": result.grad_norm, "hessian_update": hessian_update,
-                          "elapsed_s": time.time() - began, "nonfinite_steps": result.nonfinite_steps,
-                          **statistics_record(run.optimizer)}
-                record.update(progress.report(lay.train_batch_size * cfg.model.seq_length, t.train_iters - step,
-                                              _pauses_to_come(run, step)))
-                metrics.train(record)
-                log.info("step %d/%d", step, t.train_iters)
-            if run.valid_data is not None and step % cfg.logging.eval_interval == 0:
-                with progress.pause("eval"):
-                    p = step // cfg.logging.eval_interval
-                    loss = evaluate(run.engine, run.eval_micro_batches(p), run.pipeline)
-                result.val_loss[step] = loss
-                metrics.eval(step, loss)
-            saved = _should_save(cfg, step)
-            if saved:
-                with progress.pause("save"):
-                    saved = _save(run, step, result.nonfinite_steps)
-                if saved:
-                    saved_steps.add(step)
+                raise checkpoints.diverged(run, step, in_a_row)
+            for hook in hooks.after_step:
+                hook(run, step, result)
+            if metrics.due(step):
+                metrics.train(run, step, result, hessian_update=result.hessian_updates > refreshes)
+            if evaluation.due(run, step):
+                with metrics.progress.pause("eval"):
+                    result.val_loss[step] = evaluation(run, step)
+                metrics.eval(step, result.val_loss[step])
+            saved = False
+            if checkpoints.due(step):
+                with metrics.progress.pause("save"):
+                    saved = checkpoints.save(run, step, result.nonfinite_steps)
             result.step = step
             # every rank takes part, so that all stop at this same step (and save it together)
             if signals is not None and step < t.train_iters and (signum := signals.agreed(run.device)):
-                _stop(run, step, result, signum, saved)
+                _stop(run, checkpoints, step, result, signum, saved)
                 break
     finally:
         metrics.close()
@@ -460,22 +389,11 @@ def train_loop(run: Run, start_step: int = 0, nonfinite: int = 0,
     return result
 
 
-def _pauses_to_come(run: Run, step: int) -> Dict[str, int]:
-    """How many evals and checkpoint saves are still to come after ``step`` (for the ETA;
-    extra_save_iters are left out)."""
-    cfg = run.cfg
-    end = cfg.training.train_iters
-    every = cfg.checkpoint.checkpoint_factor
-    saves = (end // every - step // every if every else 0) + (0 if every and end % every == 0 else 1)
-    evals = end // cfg.logging.eval_interval - step // cfg.logging.eval_interval
-    return {"eval": evals if run.valid_data is not None else 0, "save": saves if cfg.checkpoint.save else 0}
-
-
-def _stop(run: Run, step: int, result: RunResult, signum: int, saved: bool) -> None:
+def _stop(run: Run, checkpoints: Checkpointing, step: int, result: RunResult, signum: int, saved: bool) -> None:
     """The ranks agreed to stop after ``step`` (a signal): save there unless just saved, say so."""
     save = run.cfg.checkpoint.save
     if save and not saved:
-        saved = _save(run, step, result.nonfinite_steps)
+        saved = checkpoints.save(run, step, result.nonfinite_steps)
     where = (f"saved checkpoint at step {step} in {save}" if saved
              else f"stopped at step {step}; no checkpoint saved" + ("" if save else " (save is not set)"))
     message = f"received {signal_name(signum)}: {where}"
@@ -510,13 +428,6 @@ def _keep_fp32_grad_norm(engine) -> None:
     engine.clip_fp32_gradients = clip
 
 
-def _grad_norm(engine) -> Optional[float]:
-    norm = engine.get_global_grad_norm()
-    if norm is None:
-        return None
-    return float(norm.item() if torch.is_tensor(norm) else norm)
-
-
 def train(cfg: NeoXConfig, open_log: Callable[[], None] = lambda: None) -> RunResult:
     """The whole run. Before any setup work the output folders are checked and the save folder is
     locked for this run; ``open_log`` (the rank log) is called once it is ours."""
@@ -527,7 +438,7 @@ def train(cfg: NeoXConfig, open_log: Callable[[], None] = lambda: None) -> RunRe
         run = setup(cfg)
         log.info("set up: world size %d (tp %d, pp %d, dp %d), %s, %s", run.layout.world_size, run.layout.tp,
                  run.layout.pp, run.layout.dp, run.device, dist.get_backend())
-        start, nonfinite = _resume(run)
+        start, nonfinite = resume_from_load(run)
         if start >= cfg.training.train_iters and dist.get_rank() == 0:
             print(f"neox-sophia: nothing to train: the checkpoint in {cfg.checkpoint.load} is at step {start} "
                   f"and train_iters is {cfg.training.train_iters}; raise train_iters or use a new save/load "

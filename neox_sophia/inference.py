@@ -1,6 +1,6 @@
 """`load_for_inference(SAVE_DIR)`: a checkpoint saved at any layout as one single-process module.
 
-    from neox_sophia.model import load_for_inference
+    from neox_sophia.inference import load_for_inference
     model = load_for_inference("runs/125M/ckpt")          # or a universal checkpoint directory
     logits = model(tokens)                                # [B, S] ids -> [B, S, padded vocab]
 
