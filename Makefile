@@ -1,6 +1,8 @@
 # neox-sophia developer commands. Everything runs inside $(VENV), created on first use.
 #   make install   venv + CPU torch (unless a torch is already importable) + the package
 #   make test      the whole test suite (CPU; GPU tests skip themselves)
+#   make test-fast the unit tier: everything not marked `distributed` (docs/testing.md)
+#   make lint      ruff over the package, the tests and the tools (CI runs it first)
 #   make train     the quick-start run: the built-in corpus (once), then configs/quickstart.yml on CPU
 #   make bench     the optimizer micro-benchmark
 #   make gpu-check OUT=DIR   everything a GPU must show (tools/gpu_check.py; CPU sizes without CUDA)
@@ -11,7 +13,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.neox-sophia-installed
 
-.PHONY: install test train bench gpu-check clean
+.PHONY: install test test-fast lint train bench gpu-check clean
 
 install: $(STAMP)
 
@@ -24,6 +26,12 @@ $(STAMP): pyproject.toml
 
 test: install
 	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
+
+test-fast: install
+	$(BIN)/python -m pytest tests -m "not distributed" $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check neox_sophia tests tools
 
 train: install
 	$(BIN)/neox-sophia corpus --output-dir data/stdlib

@@ -228,7 +228,8 @@ def _delegate(module: str, add: str = "add_arguments", run: str = "run"):
 
 for _name, _help, _module, _names in [
         ("preprocess", "tokenize jsonl into a Megatron indexed dataset (.bin/.idx)", "neox_sophia.data.preprocess", ()),
-        ("corpus", "build a built-in corpus (Python's stdlib; GCIDE English) and its tokenizer", "neox_sophia.data.corpus", ()),
+        ("corpus", "build a built-in corpus (Python's stdlib; GCIDE English) and its tokenizer",
+         "neox_sophia.data.corpus", ()),
         ("convert", "checkpoints: consolidate (any layout -> universal), to-hf, from-hf, to-neox, from-neox",
          "neox_sophia.convert.cli", ()),
         ("inspect", "layout, step, config, tensors and optimizer state of a checkpoint", "neox_sophia.convert.cli",
@@ -238,7 +239,8 @@ for _name, _help, _module, _names in [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="neox-sophia", description="Sophia for GPT-NeoX-style scale-out pre-training.")
+    parser = argparse.ArgumentParser(prog="neox-sophia",
+                                     description="Sophia for GPT-NeoX-style scale-out pre-training.")
     parser.add_argument("--version", action="version", version=neox_sophia.__version__)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (help_text, add_arguments, run) in COMMANDS.items():

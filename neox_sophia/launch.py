@@ -12,16 +12,16 @@ the config's launch keys (hostfile, include, exclude, num_nodes, num_gpus, maste
 master_port, launcher, force_multi, no_ssh_check), as in NeoX's deepy.py. `--dry-run` prints the
 command and starts nothing. On a CPU machine `--num-gpus N` starts N local CPU ranks (gloo).
 
-A hostfile that does not exist (NeoX's 125M.yml names `/mock_path`) means this host alone, as
-NeoX and DeepSpeed's runner read it: launch says so in one line and starts the local GPUs (on a
-CPU machine, --num-gpus CPU ranks). Everything else the runner would trip over later, on some
-node, is refused here first, in one line naming the key or file: the hostfile, the host and slot filters, the launcher's limits, and the
-world size against the TP x PP grid and the batch. The world size is computed by DeepSpeed's own
-hostfile parser and filters (`active_resources`), so it is the number of processes the runner
-will start. `--no-ssh --node-rank I` starts only host I's ranks (run once per host, e.g. one srun
-task per node: launch/slurm.sbatch). SIGTERM and Ctrl-C go to every process launched, and launch
-returns only after the last one, so that ranks saving a checkpoint on SIGTERM are not cut off.
-Slurm and mpirun recipes are in launch/ at the repository root.
+A hostfile that does not exist (NeoX's 125M.yml names `/mock_path`) means this host alone, as NeoX
+and DeepSpeed's runner read it: launch says so in one line and starts the local GPUs (on a CPU
+machine, --num-gpus CPU ranks). Everything else the runner would trip over later, on some node, is
+refused here first, in one line naming the key or file: the hostfile, the host and slot filters,
+the launcher's limits, and the world size against the TP x PP grid and the batch. The world size is
+computed by DeepSpeed's own hostfile parser and filters (`active_resources`), so it is the number
+of processes the runner will start. `--no-ssh --node-rank I` starts only host I's ranks (run once
+per host, e.g. one srun task per node: launch/slurm.sbatch). SIGTERM and Ctrl-C go to every process
+launched, and launch returns only after the last one, so that ranks saving a checkpoint on SIGTERM
+are not cut off. Slurm and mpirun recipes are in launch/ at the repository root.
 """
 from __future__ import annotations
 

@@ -124,8 +124,8 @@ class FakeRunner:
     def run(self, specs):
         self.rounds.append([(s.optimizer, s.variant, s.lr, s.rho, s.overrides[3:]) for s in specs])
         best = {"adamw": 8e-3, "sophia": 1e-3}
-        return [{"lr": s.lr, "rho": s.rho, "curve": _curve([9.0, abs(math.log2(s.lr / best[s.optimizer])) + (s.rho or 0)]),
-                 "diverged": False} for s in specs]
+        return [{"lr": s.lr, "rho": s.rho, "diverged": False,
+                 "curve": _curve([9.0, abs(math.log2(s.lr / best[s.optimizer])) + (s.rho or 0)])} for s in specs]
 
 
 def test_searches_run_in_rounds_and_a_split_variant_waits_for_adamw():
@@ -181,7 +181,8 @@ def test_adamw_reuse_is_checked_and_the_summary_table(tmp_path):
     table = report.summarize_files([paper, path], str(tmp_path / "out" / "summary.md"))
     rows = table.splitlines()
     assert len(rows) == 4 and (tmp_path / "out" / "summary.md").read_text() == table
-    assert rows[2].startswith("| gcide | paper | 20 | 0.004 | 5.0000 | 0.001 | 0.1 | 4.9000 | 1.00 | n/a | 0/1 | 1/2 | all 0.30 |")
+    assert rows[2].startswith("| gcide | paper | 20 | 0.004 | 5.0000 | 0.001 | 0.1 | 4.9000 | 1.00 | n/a | 0/1 | 1/2 "
+                              "| all 0.30 |")
     assert rows[3].endswith("| embedding 0.02, mlp 0.35 |")
 
 
@@ -314,7 +315,8 @@ def test_a_variant_against_an_earlier_adamw_grid_and_the_summary(tiny):
     refused = _bench(tiny.corpus, tiny.dir / "x.json", "--adamw-from", str(tiny.out), "--set", "seed=7", expect=2)
     assert refused.stderr.strip().splitlines()[-1].startswith("bench_convergence: error: --adamw-from")
     assert "differs in: seed" in refused.stderr and not (tiny.dir / "x.json").exists()
-    summary = subprocess.run([sys.executable, TOOL, "--summarize", str(tiny.out), str(tiny.dir / "stdlib-beta1_0.9.json")],
+    summary = subprocess.run([sys.executable, TOOL, "--summarize", str(tiny.out),
+                              str(tiny.dir / "stdlib-beta1_0.9.json")],
                              capture_output=True, text=True, timeout=120, cwd=ROOT)
     rows = summary.stdout.splitlines()
     assert summary.returncode == 0 and [r.split(" | ")[1] for r in rows[2:]] == ["paper", "beta1_0.9"]

@@ -118,7 +118,8 @@ def test_unimplemented_neox_setting_is_an_error_but_its_default_is_accepted(writ
 
 
 def test_ignorable_keys_are_listed_in_one_warning(write):
-    a = write("a.yml", MODEL[:-1] + ', "bias_dropout_fusion": true, "wandb_init_all_ranks": true, "partition_activations": true}')
+    a = write("a.yml", MODEL[:-1] + ', "bias_dropout_fusion": true, "wandb_init_all_ranks": true, '
+                                    '"partition_activations": true}')
     with pytest.warns(IgnoredKeysWarning) as record:
         cfg = load_config([a])
     assert len(record) == 1
@@ -312,7 +313,8 @@ def test_optimizer_block_defaults_aliases_and_errors():
     name, params = parse_optimizer_block({"type": "Sophia", "params": {"lr": 2e-4, "hessian_interval": 5}})
     assert name == "sophia" and isinstance(params, SophiaParams)
     assert params == SophiaParams(lr=2e-4, hessian_interval=5)
-    assert (params.betas, params.rho, params.eps, params.estimator, params.bs) == ([0.965, 0.99], 0.04, 1e-15, "gnb", None)
+    assert (params.betas, params.rho, params.eps, params.estimator, params.bs) == \
+        ([0.965, 0.99], 0.04, 1e-15, "gnb", None)
     assert not params.hessian_bias_correction and params.hessian_floor == 0.0 and params.adamw_groups == []
     assert parse_optimizer_block({"type": "Adam", "params": {"lr": 6e-4}})[0] == "adamw"
     assert parse_optimizer_block(None) == ("adamw", AdamWParams(lr=1e-3, betas=[0.9, 0.999], eps=1e-8))
@@ -362,11 +364,12 @@ def test_role_groups_and_build_optimizer():
     assert opt.param_groups[-1]["weight_decay"] == 0.0 and opt.param_groups[0]["rho"] == 0.05
     with pytest.raises(ConfigError, match="bs"):
         build_optimizer({"type": "sophia", "params": {}}, role_groups(params.items(), 0.1))
-    adamw = build_optimizer({"type": "adam", "params": {"lr": 1e-3, "betas": [0.9, 0.95]}}, role_groups(params.items(), 0.1))
+    adamw = build_optimizer({"type": "adam", "params": {"lr": 1e-3, "betas": [0.9, 0.95]}},
+                            role_groups(params.items(), 0.1))
     assert isinstance(adamw, torch.optim.AdamW) and adamw.param_groups[0]["betas"] == (0.9, 0.95)
     # a split optimizer: AdamW on the named roles, at its own peak lr through lr_scale
-    split = parse_optimizer_block({"type": "sophia", "params": {"lr": 1e-3, "adamw_groups": ["embedding", "norms_biases"],
-                                                                "adamw_lr": 4e-3}})[1]
+    split = parse_optimizer_block({"type": "sophia", "params": {
+        "lr": 1e-3, "adamw_groups": ["embedding", "norms_biases"], "adamw_lr": 4e-3}})[1]
     opt = split.build(role_groups(params.items(), 0.1, overrides=split.group_overrides()), 4096)
     rules = {g["name"]: (g["update"], g["lr_scale"], g["betas"]) for g in opt.param_groups}
     assert rules["embedding"] == ("adamw", 4.0, (0.9, 0.95)) and rules["norms_biases"][0] == "adamw"

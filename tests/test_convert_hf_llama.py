@@ -16,7 +16,7 @@ from neox_sophia.config.model import ModelConfig
 from neox_sophia.convert.hf import from_hf, hf_config, model_config_from_hf, to_hf
 from neox_sophia.model.gpt_neox import GPTNeoX, parameter_shapes
 from neox_sophia.parallel.topology import initialize_model_parallel
-from tests.test_model_llama import PADDED, VARIANTS, llama_config, perturbed, tokens
+from tests.helpers import LLAMA_VARIANTS, PADDED, llama_config, llama_tokens, perturbed
 
 transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
@@ -41,7 +41,7 @@ def load_hf(path):
 @pytest.mark.parametrize("variant,tied", [("llama", False), ("gqa-biases", True), ("mqa-geglu", False),
                                           ("mistral-window", False)])
 def test_export_loads_in_transformers_with_our_logits_and_round_trips(tmp_path, variant, tied):
-    cfg = llama_config(*VARIANTS[variant])
+    cfg = llama_config(*LLAMA_VARIANTS[variant])
     cfg.no_weight_tying = not tied
     model = our_model(cfg)
     weights = model.full_state_dict()
@@ -51,7 +51,7 @@ def test_export_loads_in_transformers_with_our_logits_and_round_trips(tmp_path, 
     assert type(hf).__name__ == expected_class and hf.config.num_key_value_heads == cfg.kv_heads
     files = safetensors_torch.load_file(os.path.join(out, "model.safetensors"))
     assert ("lm_head.weight" in files) == (not tied)
-    torch.testing.assert_close(hf(tokens()).logits, model.full_logits(tokens()), rtol=0, atol=1e-5)
+    torch.testing.assert_close(hf(llama_tokens()).logits, model.full_logits(llama_tokens()), rtol=0, atol=1e-5)
     back = from_hf(out, cfg, PADDED)
     assert list(back) == list(weights)
     for name, w in weights.items():
@@ -85,8 +85,8 @@ def test_hf_to_ours_to_hf_is_exact(tmp_path, kind):
     assert cfg.ffn_hidden_size == 80 and cfg.sliding_window(0) == (5 if kind == "mistral" else None)
     weights = from_hf(str(tmp_path / "src"), cfg, PADDED)
     assert not weights["embed_out.weight"][100:].any()  # padded rows are zeros
-    ours = our_model(cfg, weights).full_logits(tokens())
-    x = tokens()
+    ours = our_model(cfg, weights).full_logits(llama_tokens())
+    x = llama_tokens()
     torch.testing.assert_close(ours[..., :100], source(x).logits, rtol=0, atol=1e-5)
     out = to_hf(weights, cfg, PADDED, str(tmp_path / "out"))
     original = safetensors_torch.load_file(os.path.join(tmp_path / "src", "model.safetensors"))
@@ -97,7 +97,7 @@ def test_hf_to_ours_to_hf_is_exact(tmp_path, kind):
 
 
 def test_config_mismatches_are_named(tmp_path):
-    cfg = llama_config(*VARIANTS["gqa-biases"])
+    cfg = llama_config(*LLAMA_VARIANTS["gqa-biases"])
     out = to_hf(our_model(cfg).full_state_dict(), cfg, PADDED, str(tmp_path / "hf"))
     other = llama_config(4, None, True, "swiglu", rotary_emb_base=10000)
     with pytest.raises(ValueError) as err:
@@ -118,7 +118,7 @@ def test_config_mismatches_are_named(tmp_path):
      "use_bias_in_mlp: true cannot be expressed with a sliding window"),
 ])
 def test_settings_llama_cannot_express_are_refused(change, refused):
-    cfg = ModelConfig(**{**llama_config(*VARIANTS["llama"]).__dict__, **change})
+    cfg = ModelConfig(**{**llama_config(*LLAMA_VARIANTS["llama"]).__dict__, **change})
     with pytest.raises(ValueError, match=f"^{refused}"):
         hf_config(cfg, PADDED)
 
@@ -129,15 +129,16 @@ def test_unsupported_llama_files_are_refused(tmp_path):
     config = json.loads(path.read_text())
     for change, message in [({"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "rope_theta": 5e5}},
                              "rope type 'llama3'"), ({"head_dim": 32}, "head_dim: 32 is not hidden_size"),
-                            ({"hidden_act": "gelu_pytorch_tanh"}, "hidden_act: 'gelu_pytorch_tanh' cannot be expressed")]:
+                            ({"hidden_act": "gelu_pytorch_tanh"},
+                             "hidden_act: 'gelu_pytorch_tanh' cannot be expressed")]:
         path.write_text(json.dumps({**config, **change}))
         with pytest.raises(ValueError, match=message):
             model_config_from_hf(str(tmp_path / "src"))
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("variant", list(LLAMA_VARIANTS))
 def test_parameter_shapes_are_our_models(variant):
-    cfg = llama_config(*VARIANTS[variant])
+    cfg = llama_config(*LLAMA_VARIANTS[variant])
     weights = our_model(cfg).full_state_dict()
     assert {n: tuple(w.shape) for n, w in weights.items()} == parameter_shapes(cfg, PADDED)
     assert list(weights) == list(parameter_shapes(cfg, PADDED))

@@ -24,10 +24,9 @@ from neox_sophia.convert.neox import (fit_vocab, is_neox_checkpoint, neox_padded
 from neox_sophia.model.gpt_neox import GPTNeoX
 from neox_sophia.parallel.topology import initialize_model_parallel
 from neox_sophia.training.checkpoint import CheckpointError
-from tests.test_model_llama import llama_config, perturbed, tokens
+from tests.helpers import PADDED, QUICKSTART, llama_config, llama_tokens, perturbed
 
 transformers = pytest.importorskip("transformers")
-PADDED = 128
 LAYOUTS = [(tp, pipe) for tp in (1, 2) for pipe in (0, 1)]
 
 
@@ -79,8 +78,8 @@ def convert_neox_to_hf(save_dir, model, tp, sequential):
     norms = ["input_layernorm", "post_attention_layernorm"]
     for i in range(model.num_layers):
         s, p = neox_layer_states(save_dir, tp, i + 2, sequential), f"{top}layers.{i}."
-        mean = lambda key: sum(r[key] for r in s) / tp  # noqa: E731
-        cat = lambda key, dim: torch.cat([r[key] for r in s], dim=dim)  # noqa: E731
+        mean = lambda key, s=s: sum(r[key] for r in s) / tp  # noqa: E731
+        cat = lambda key, dim, s=s: torch.cat([r[key] for r in s], dim=dim)  # noqa: E731
         if llama:
             hf[p + "self_attn.o_proj.weight"] = cat("attention.dense.weight", 1)
             hf[p + "mlp.down_proj.weight"] = cat("mlp.linear2.weight", 1)
@@ -188,7 +187,7 @@ def test_what_we_write_neox_converter_reads_to_our_logits(tmp_path, arch, tp, pi
     layer_files = [n for n in names if n.startswith("layer_")]
     assert len(layer_files) == (tp * (model.num_layers + 2 + model.no_weight_tying) if pipe else 0)
     hf = hf_model(model, convert_neox_to_hf(str(tmp_path / "neox"), model, tp, sequential=pipe == 0))
-    torch.testing.assert_close(hf(tokens()).logits, ours.full_logits(tokens()), rtol=0, atol=1e-5)
+    torch.testing.assert_close(hf(llama_tokens()).logits, ours.full_logits(llama_tokens()), rtol=0, atol=1e-5)
     back, step, _ = read_neox(str(tmp_path / "neox"), model)
     assert step == 42 and list(back) == list(weights)
     for name, w in weights.items():
@@ -210,7 +209,7 @@ def test_what_neox_converters_write_we_read_to_hugging_face_logits(tmp_path, arc
     with torch.no_grad():
         for name, param in ours.global_named_parameters():
             param.copy_(weights[name])
-    torch.testing.assert_close(ours.full_logits(tokens()), hf(tokens()).logits, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ours.full_logits(llama_tokens()), hf(llama_tokens()).logits, rtol=0, atol=1e-5)
 
 
 def test_sequential_residual_row_parallel_bias_is_whole_on_every_rank(tmp_path):
@@ -279,7 +278,6 @@ def test_from_neox_on_the_command_line_writes_a_universal_checkpoint(tmp_path, c
     from neox_sophia.config import load_config
     from neox_sophia.convert.universal import load_universal
     from neox_sophia.data.tokenizers import build_tokenizer
-    from tests.test_training import QUICKSTART
 
     from tokenizers import Tokenizer, models
 

@@ -16,7 +16,7 @@ import torch
 import yaml
 
 from tests.distributed import run_ranks
-from tests.test_training import QUICKSTART, corpus, overrides  # noqa: F401 (fixture)
+from tests.helpers import QUICKSTART, cli, overrides
 
 pytestmark = pytest.mark.distributed
 
@@ -79,11 +79,12 @@ def reference_worker(rank, world_size, sets):
         weights[name] = full(w, p).clone()
     marked = {name: (p.partition_dim if getattr(p, "tensor_model_parallel", False) else None) for name, p in named}
     return {"weights": weights, "module": full_state_dict(engine.module), "state": state,
-            "tp_disagreements": [(n, d, tensor_parallel_dim(n)) for n, d in marked.items() if tensor_parallel_dim(n) != d]}
+            "tp_disagreements": [(n, d, tensor_parallel_dim(n)) for n, d in marked.items()
+                                 if tensor_parallel_dim(n) != d]}
 
 
 @pytest.fixture(scope="module")
-def trained(corpus, tmp_path_factory):  # noqa: F811
+def trained(corpus, tmp_path_factory):
     """layout -> (save dir, the live engine's state merged over ranks); each layout trains once."""
     cache = {}
 
@@ -315,8 +316,6 @@ def test_broken_checkpoints_raise_checkpoint_errors_naming_the_file(trained, tmp
 
 # ------------------------------------------------------------------ the CLI: convert, inspect, load_for_inference
 def _cli(*args):
-    from tests.test_training import cli
-
     return cli(list(args))
 
 
@@ -353,7 +352,7 @@ def _module_name(model, global_name):
     return next(by_param[id(p)] for n, p in global_named_parameters(model) if n == global_name)
 
 
-def test_hf_to_ours_to_hf_is_identical_and_trains_on(trained, tmp_path, corpus):  # noqa: F811
+def test_hf_to_ours_to_hf_is_identical_and_trains_on(trained, tmp_path, corpus):
     """from-hf writes a universal checkpoint at step 0 (fresh optimizer state) for the config's
     model; to-hf of it gives back the same tensors; `train` continues from it."""
     from safetensors.torch import load_file
@@ -380,7 +379,8 @@ def test_inspect_and_consolidate_on_the_command_line(trained, tmp_path):
     save_dir, _ = trained("tp2-pp2-zero1")
     shown = _cli("inspect", save_dir)
     assert shown.returncode == 0, shown.stderr[-2000:]
-    assert "tp 2" in shown.stdout and "clip_frac" in shown.stdout and "layers.1.mlp.dense_4h_to_h.weight" in shown.stdout
+    assert "tp 2" in shown.stdout and "clip_frac" in shown.stdout
+    assert "layers.1.mlp.dense_4h_to_h.weight" in shown.stdout
     as_json = json.loads(_cli("inspect", save_dir, "--json").stdout)
     assert as_json["step"] == 4 and as_json["layout"]["pp"] == 2
     out = str(tmp_path / "universal")

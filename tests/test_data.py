@@ -296,7 +296,7 @@ def test_progress_bar_on_a_terminal_and_lines_in_a_log(monkeypatch):
 def test_builtin_corpus_is_deterministic_and_idempotent(tmp_path, monkeypatch):
     kwargs = dict(max_bytes=150_000, vocab_size=300, log=None)
     first = corpus.prepare_builtin_corpus(tmp_path / "a", **kwargs)
-    second = corpus.prepare_builtin_corpus(tmp_path / "b", workers=2, **kwargs)
+    corpus.prepare_builtin_corpus(tmp_path / "b", workers=2, **kwargs)
     for name in ("stdlib.jsonl", "tokenizer.json", "stdlib_text_document.bin",
                  "stdlib_text_document.idx"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()

@@ -16,8 +16,7 @@ import pytest
 import torch
 
 from tests.distributed import free_port, run_ranks
-from tests.test_operations import as_args, start_rank, text, wait_for_line
-from tests.test_training import QUICKSTART, cli, corpus, overrides, read_metrics  # noqa: F401 (fixture)
+from tests.helpers import QUICKSTART, as_args, cli, overrides, read_metrics, start_rank, text, wait_for_line
 
 pytestmark = pytest.mark.distributed
 
@@ -89,7 +88,7 @@ def test_the_lock_refuses_a_live_holder_another_host_and_an_unreadable_file_and_
             assert lock.took_over == holder and json.loads(path.read_text()) == lock.record
             lock.release()
     path.write_text("{not json")
-    with pytest.raises(SaveFolderInUse, match=f"cannot be read; if no run uses this folder, delete that file"):
+    with pytest.raises(SaveFolderInUse, match="cannot be read; if no run uses this folder, delete that file"):
         SaveLock(folder).acquire()
 
 
@@ -401,7 +400,8 @@ def kill_plan(rng):
     the files written but unmarked, DeepSpeed's file cut in half) each at a random save."""
     completing = rng.sample(["checkpoint_latest_tmp", "checkpoint_before_retention"], 2)
     faults = [(2 * (i + 1), 1, fault) for i, fault in enumerate(completing + ["checkpoint_during_retention"])]
-    faults += [(rng.choice([2, 4, 6, 8]), 0, fault) for fault in ("checkpoint_start", "checkpoint_before_marker", "file")]
+    faults += [(rng.choice([2, 4, 6, 8]), 0, fault)
+               for fault in ("checkpoint_start", "checkpoint_before_marker", "file")]
     return [f"file:{step}:1" if fault == "file" else f"{fault}:{step}" for step, _, fault in sorted(faults)]
 
 

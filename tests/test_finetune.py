@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests.distributed import run_ranks
-from tests.test_training import QUICKSTART, corpus, overrides  # noqa: F401 (fixture)
+from tests.helpers import QUICKSTART, overrides
 
 pytestmark = pytest.mark.distributed
 
@@ -32,20 +32,20 @@ def resume_worker(rank, world_size, sets):
             "hessian_abs_sum": float(sum(h.abs().sum() for h in hessian)) if hessian else None}
 
 
-def settings(corpus, run_dir, **extra):  # noqa: F811
+def settings(corpus, run_dir, **extra):
     values = dict(train_iters=6, lr_decay_iters=10, eval_iters=0, checkpoint_factor=6)
     sets = overrides(corpus, run_dir, **{**values, **extra})
     return [s for s in sets if not s.startswith("optimizer.")]  # each test names its optimizer
 
 
 @pytest.fixture(scope="module")
-def adamw_tp2(corpus, tmp_path_factory):  # noqa: F811
+def adamw_tp2(corpus, tmp_path_factory):
     run_dir = str(tmp_path_factory.mktemp("adamw"))
     out = run_ranks(resume_worker, 2, args=(settings(corpus, run_dir, model_parallel_size=2) + [ADAMW],))
     return run_dir, out[0]["weights"]
 
 
-def test_adamw_run_continues_with_sophia_from_its_neox_export_with_no_load_optim(corpus, adamw_tp2, tmp_path):  # noqa: F811
+def test_adamw_run_continues_with_sophia_from_its_neox_export_with_no_load_optim(corpus, adamw_tp2, tmp_path):
     from neox_sophia.cli import main
 
     run_dir, final = adamw_tp2
@@ -65,7 +65,7 @@ def test_adamw_run_continues_with_sophia_from_its_neox_export_with_no_load_optim
     assert all(torch.isfinite(torch.tensor(list(out["loss"].values()))))
 
 
-def test_finetune_from_our_own_save_dir_at_another_layout_starts_at_step_0(corpus, adamw_tp2, tmp_path):  # noqa: F811
+def test_finetune_from_our_own_save_dir_at_another_layout_starts_at_step_0(corpus, adamw_tp2, tmp_path):
     run_dir, final = adamw_tp2
     sets = settings(corpus, str(tmp_path / "ft"), train_iters=3, load=os.path.join(run_dir, "ckpt"), finetune=True)
     sets.append("optimizer={type: sophia, params: {lr: 1.0e-3, hessian_interval: 2, hessian_batch_size: 2}}")

@@ -4,14 +4,13 @@ Two compiled graphs serve every test here (one step, one EMA; dynamic shapes), s
 compile cost is paid once per process; torch caches the compiled code on disk for later ones.
 """
 import math
-import warnings
 
 import pytest
 import torch
 
 from neox_sophia.optim import Sophia, fused, kernels
 from tests.distributed import run_ranks
-from tests.test_sophia_update import GROUPS, check_flat_partitions_equal_separate_tensors, drive, hessian_case, make_params
+from tests.helpers import GROUPS, check_flat_partitions_equal_separate_tensors, drive, hessian_case, make_params
 
 
 @pytest.fixture(autouse=True)
@@ -42,7 +41,7 @@ def test_fused_equals_eager_bit_for_bit_over_many_steps(maximize):
         opt = Sophia([dict(params=[params[i] for i in g["idx"]], **{k: v for k, v in g.items() if k != "idx"})
                       for g in groups], fused=use_fused, maximize=maximize)
 
-        def next_lr(it):
+        def next_lr(it, opt=opt):
             for group, base in zip(opt.param_groups, groups):
                 group["lr"] = base["lr"] * (1 + 0.5 * math.sin(it))
 
@@ -166,7 +165,8 @@ def _bf16_zero_worker(rank, world_size):
             "zero_allow_untested_optimizer": True, "steps_per_print": 10 ** 9})
         for step in range(6):
             g = torch.Generator().manual_seed(step)
-            x, y = torch.randn(8, 10, generator=g)[rank * 4:(rank + 1) * 4], torch.randn(8, 7, generator=g)[rank * 4:(rank + 1) * 4]
+            mine = slice(rank * 4, (rank + 1) * 4)
+            x, y = torch.randn(8, 10, generator=g)[mine], torch.randn(8, 7, generator=g)[mine]
             engine.backward(torch.nn.functional.mse_loss(engine(x.bfloat16()).float(), y))
             if step % 2:
                 with redirected_step(engine, sophia, sophia.update_hessian):
@@ -199,8 +199,8 @@ def test_fused_equals_eager_on_cuda(monkeypatch):
     cuda = torch.device("cuda")
     assert fused._ready("step", cuda) and fused._ready("ema", cuda), fused._unavailable
     for beta1 in (0.965, 0.3):
-        eager, compiled = ([fused.probe_values(5000, cuda, seed).abs() if seed == 3 else fused.probe_values(5000, cuda, seed)
-                            for seed in range(4)] for _ in range(2))
+        eager, compiled = ([fused.probe_values(5000, cuda, seed).abs() if seed == 3
+                            else fused.probe_values(5000, cuda, seed) for seed in range(4)] for _ in range(2))
         for tensors, use_fused in ((eager, False), (compiled, True)):
             kernels.sophia_update(tensors[:1], tensors[1:2], tensors[2:3], tensors[3:], lr=6e-4, beta1=beta1, rho=0.05,
                                   bs=4096, eps=1e-15, weight_decay=0.1, fused=use_fused)

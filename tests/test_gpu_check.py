@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from tests.test_training import ROOT
+from tests.helpers import ROOT
 
 pytestmark = pytest.mark.distributed
 
@@ -84,7 +84,8 @@ def test_training_overhead_against_its_bound_and_memory(report):
         assert positive(r[f"{piece}_ms"])
         assert r[f"{piece}_pct"] == pytest.approx(100 * r[f"{piece}_ms"] / r["k"] / r["adamw_ms_per_iteration"])
     memory = r["memory"]
-    assert [m["optimizer"] for m in memory["runs"]["sophia"] + memory["runs"]["adamw"]] == ["sophia"] * 2 + ["adamw"] * 2
+    runs = memory["runs"]["sophia"] + memory["runs"]["adamw"]
+    assert [m["optimizer"] for m in runs] == ["sophia"] * 2 + ["adamw"] * 2
     for run in memory["runs"]["sophia"] + memory["runs"]["adamw"]:
         assert run["peak_rss_bytes"] >= run["rss_after_setup_bytes"] > 0
     peak = memory["peak_rss_bytes"]

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from tests.distributed import run_ranks
-from tests.test_training import QUICKSTART, corpus, overrides  # noqa: F401 (fixture)
+from tests.helpers import QUICKSTART, overrides
 
 pytestmark = pytest.mark.distributed
 
@@ -77,7 +77,7 @@ def hessian_step_worker(rank, world_size, sets, overflow=False):
     return out
 
 
-def settings(corpus, run_dir, pipe, precision, stage, *extra):  # noqa: F811
+def settings(corpus, run_dir, pipe, precision, stage, *extra):
     sets = [s for s in overrides(corpus, run_dir, eval_iters=0) if "hessian_batch_size" not in s]
     return sets + [f"pipe_parallel_size={pipe}", f"precision={precision}", f"zero_optimization={{stage: {stage}}}",
                    "gradient_accumulation_steps=4", "train_micro_batch_size_per_gpu=1", *extra]
@@ -86,10 +86,10 @@ def settings(corpus, run_dir, pipe, precision, stage, *extra):  # noqa: F811
 UNCHANGED = ("params_same", "exp_avg_same", "counters_same", "lr_same", "step_same")
 
 
-@pytest.mark.parametrize("pipe,precision,stage", [(0, "fp32", 0), (1, "fp32", 1), (0, "bfloat16", 0), (0, "bfloat16", 1),
-                                                  (1, "bfloat16", 0), (0, "fp16", 1), (0, "fp16", 2),
-                                                  (1, "fp16", 1)])
-def test_the_hessian_step_changes_only_the_hessian(corpus, tmp_path, pipe, precision, stage):  # noqa: F811
+@pytest.mark.parametrize("pipe,precision,stage", [(0, "fp32", 0), (1, "fp32", 1), (0, "bfloat16", 0),
+                                                  (0, "bfloat16", 1), (1, "bfloat16", 0), (0, "fp16", 1),
+                                                  (0, "fp16", 2), (1, "fp16", 1)])
+def test_the_hessian_step_changes_only_the_hessian(corpus, tmp_path, pipe, precision, stage):
     """Half the accumulation steps by default. From h = 0, one refresh gives
     h = (1 - beta2) * g*g, so sum(h) = (1 - beta2) * |g|^2 = (1 - beta2) * CLIP^2 exactly when the
     sampled-label gradient g was clipped to CLIP, and only if the fp16 loss scale was removed
@@ -102,7 +102,7 @@ def test_the_hessian_step_changes_only_the_hessian(corpus, tmp_path, pipe, preci
     assert out["hessian_sum"] == pytest.approx((1 - out["beta2"]) * CLIP ** 2, rel=1e-3)
 
 
-def test_fp16_hessian_does_not_depend_on_the_loss_scale(corpus, tmp_path):  # noqa: F811
+def test_fp16_hessian_does_not_depend_on_the_loss_scale(corpus, tmp_path):
     """Unclipped, two static loss scales 2^12 and 2^16: the same Hessian EMA (a power of two scales
     fp16 exactly). Measured: equal to 1e-11 relative; at 2^3 the sum is 1.6% lower, gradients
     underflowing in fp16, which is what loss scaling is for."""
@@ -115,7 +115,7 @@ def test_fp16_hessian_does_not_depend_on_the_loss_scale(corpus, tmp_path):  # no
 
 
 @pytest.mark.parametrize("pipe,stage", [(0, 1), (0, 2), (1, 1)])
-def test_an_fp16_overflow_skips_only_that_hessian_update(corpus, tmp_path, pipe, stage):  # noqa: F811
+def test_an_fp16_overflow_skips_only_that_hessian_update(corpus, tmp_path, pipe, stage):
     """A non-finite sampled-label loss under dynamic loss scaling: DeepSpeed sees the overflow and
     skips the optimizer call, so update_hessian() never runs (it would have counted rejected
     coordinates); nothing else moves, the next training step applies and the next refresh updates
@@ -129,7 +129,7 @@ def test_an_fp16_overflow_skips_only_that_hessian_update(corpus, tmp_path, pipe,
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("pipe,stage", [(0, 1), (0, 2), (1, 1)])
-def test_the_fp16_hessian_step_on_cuda(corpus, tmp_path, pipe, stage):  # noqa: F811
+def test_the_fp16_hessian_step_on_cuda(corpus, tmp_path, pipe, stage):
     out = run_ranks(hessian_step_worker, 1, args=(settings(corpus, str(tmp_path), pipe, "fp16", stage,
                                                            f"gradient_clipping={CLIP}"),), accelerator="cuda")[0]
     for key in UNCHANGED + ("hessian_changed", "next_step_applied", "next_hessian_changed"):

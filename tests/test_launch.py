@@ -122,7 +122,8 @@ def runner_world(hostfile, s: LaunchSettings, monkeypatch) -> int:
 
 
 @pytest.mark.parametrize("selection, expected", [
-    ({}, 12), ({"num_nodes": 1}, 4), ({"num_gpus": 2}, 6), ({"num_nodes": 2, "num_gpus": 2}, 4), ({"num_nodes": 1, "num_gpus": 3}, 3),
+    ({}, 12), ({"num_nodes": 1}, 4), ({"num_gpus": 2}, 6), ({"num_nodes": 2, "num_gpus": 2}, 4),
+    ({"num_nodes": 1, "num_gpus": 3}, 3),
     ({"include": "node-a:0,1@node-c"}, 8), ({"include": "node-b"}, 2), ({"exclude": "node-c:1,5"}, 10),
     ({"exclude": "node-a"}, 8)])
 def test_world_size_is_what_deepspeeds_runner_starts(tmp_path, monkeypatch, selection, expected):

@@ -18,15 +18,11 @@ state at 1e-4 and the weights at 1e-3, relative and with an absolute floor of th
 tensor's largest entry (entries near 0 in both runs).
 """
 import pytest
-import torch
 
 from tests.distributed import run_ranks
-from tests.test_training import QUICKSTART, corpus, overrides, read_metrics  # noqa: F401 (fixture)
+from tests.helpers import COMMON, OPTIONS, close, layout_worker, overrides, read_metrics
 
 pytestmark = pytest.mark.distributed
-
-COMMON = dict(train_iters=8, lr_decay_iters=8, eval_iters=0, gradient_clipping=0.05,
-              **{"optimizer.params.hessian_interval": 2})
 
 # name: (world size, overrides); global batch 4 sequences, Hessian batch 2 sequences everywhere
 LAYOUTS = {
@@ -51,23 +47,8 @@ LAYOUTS = {
 }
 
 
-def layout_worker(rank, world_size, sets):
-    from neox_sophia.config import load_config
-    from neox_sophia.training.loop import setup, train_loop
-    from tests.gathered import optimizer_state_by_name
-
-    run = setup(load_config([QUICKSTART], sets, warn=False))
-    result = train_loop(run)
-    from neox_sophia.model.gpt_neox import full_state_dict
-
-    return {"loss": result.train_loss, "hessian_updates": result.hessian_updates,
-            "weights": full_state_dict(run.engine.module),
-            "state": optimizer_state_by_name(run.engine, run.optimizer),
-            "offloaded": getattr(run.engine.optimizer, "cpu_offload", False)}  # ZeRO's offload path
-
-
 @pytest.fixture(scope="module")
-def reference(corpus, tmp_path_factory):  # noqa: F811
+def reference(corpus, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("one")
     out = run_ranks(layout_worker, 1, args=(overrides(corpus, str(run_dir), **COMMON),))[0]
     out["norms"] = {r["step"]: r["grad_norm"] for r in read_metrics(str(run_dir)) if "loss" in r}
@@ -75,23 +56,11 @@ def reference(corpus, tmp_path_factory):  # noqa: F811
     return out
 
 
-def close(actual, expected, name, tolerance=1e-4):
-    floor = tolerance * float(expected.abs().max())
-    torch.testing.assert_close(actual, expected, rtol=tolerance, atol=max(floor, 1e-12), msg=name)
-
-
-# Sophia's options beyond the paper together: bias correction, the Hessian floor (set from each
-# role's mean h, an all-reduce across ranks), a split optimizer (AdamW on the embedding and the
-# norms and biases) and no weight decay on the embedding; at the layouts that shard each piece
-# differently: ZeRO-2 partitions, TP shards, and pipeline stages that hold different roles.
-OPTIONS = {"optimizer.params.hessian_bias_correction": True, "optimizer.params.hessian_floor": 0.5,
-           "optimizer.params.adamw_groups": ["embedding", "norms_biases"], "optimizer.params.adamw_lr": 4.0e-3,
-           "embedding_weight_decay": False}
 OPTION_LAYOUTS = ["dp2-zero2", "tp2", "pp2"]
 
 
 @pytest.fixture(scope="module")
-def reference_with_options(corpus, tmp_path_factory):  # noqa: F811
+def reference_with_options(corpus, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("options")
     out = run_ranks(layout_worker, 1, args=(overrides(corpus, str(run_dir), **COMMON, **OPTIONS),))[0]
     out["groups"] = {r["step"]: r["groups"] for r in read_metrics(str(run_dir)) if "groups" in r}
@@ -101,7 +70,7 @@ def reference_with_options(corpus, tmp_path_factory):  # noqa: F811
 
 
 @pytest.mark.parametrize("layout", OPTION_LAYOUTS)
-def test_options_beyond_the_paper_train_like_one_process(corpus, reference_with_options, tmp_path, layout):  # noqa: F811
+def test_options_beyond_the_paper_train_like_one_process(corpus, reference_with_options, tmp_path, layout):
     world, extra = LAYOUTS[layout]
     ref = reference_with_options
     out = run_ranks(layout_worker, world, args=(overrides(corpus, str(tmp_path), **COMMON, **OPTIONS, **extra),))
@@ -118,7 +87,7 @@ def test_options_beyond_the_paper_train_like_one_process(corpus, reference_with_
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_layout_trains_like_one_process(corpus, reference, tmp_path, layout):  # noqa: F811
+def test_layout_trains_like_one_process(corpus, reference, tmp_path, layout):
     world, extra = LAYOUTS[layout]
     out = run_ranks(layout_worker, world, args=(overrides(corpus, str(tmp_path), **COMMON, **extra),))
     assert out[0]["hessian_updates"] == 4
@@ -139,7 +108,7 @@ def test_layout_trains_like_one_process(corpus, reference, tmp_path, layout):  #
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("pipe", [0, 1])
-def test_cpu_offload_on_cuda_trains_like_the_state_on_the_gpu(corpus, tmp_path, pipe):  # noqa: F811
+def test_cpu_offload_on_cuda_trains_like_the_state_on_the_gpu(corpus, tmp_path, pipe):
     """On a GPU, offload_optimizer moves Sophia's state and step to CPU memory: the same run."""
     def run(zero, name):
         sets = overrides(corpus, str(tmp_path / name), **COMMON, pipe_parallel_size=pipe, zero_optimization=zero)
@@ -163,7 +132,7 @@ PEAK_LR = 2.0e-3  # tests.test_training.overrides' optimizer.params.lr
 
 
 @pytest.fixture(scope="module")
-def reference_h(corpus, tmp_path_factory):  # noqa: F811
+def reference_h(corpus, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("one-h")
     out = run_ranks(layout_worker, 1, args=(overrides(corpus, str(run_dir), **COMMON, **SOPHIA_H),))[0]
     records = [r for r in read_metrics(str(run_dir)) if "loss" in r]
@@ -176,7 +145,7 @@ def reference_h(corpus, tmp_path_factory):  # noqa: F811
 
 
 @pytest.mark.parametrize("layout", SOPHIA_H_LAYOUTS)
-def test_sophia_h_layout_trains_like_one_process(corpus, reference_h, tmp_path, layout):  # noqa: F811
+def test_sophia_h_layout_trains_like_one_process(corpus, reference_h, tmp_path, layout):
     """As above, for Sophia-H. Its probes are keyed by global parameter name and coordinate and
     each rank's difference of gradients is reduced by the engine, so only the float reduction
     order differs; the finite difference divides that rounding by 2e (e = 1e-4). Measured on

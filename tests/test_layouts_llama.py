@@ -6,8 +6,7 @@ GPT-NeoX there."""
 import pytest
 
 from tests.distributed import run_ranks
-from tests.test_layouts import COMMON, close, layout_worker
-from tests.test_training import corpus, overrides, read_metrics  # noqa: F401 (fixture)
+from tests.helpers import COMMON, close, layout_worker, overrides, read_metrics
 
 pytestmark = pytest.mark.distributed
 
@@ -16,13 +15,13 @@ LLAMA = dict(norm="rmsnorm", rms_norm_epsilon=1e-5, activation="swiglu", num_kv_
              attention_config=[[["flash"], 2]], seq_length=32)
 
 
-def run(corpus, run_dir, world, **extra):  # noqa: F811
+def run(corpus, run_dir, world, **extra):
     out = run_ranks(layout_worker, world, args=(overrides(corpus, str(run_dir), **COMMON, **LLAMA, **extra),))
     norms = {r["step"]: r["grad_norm"] for r in read_metrics(str(run_dir)) if "loss" in r}
     return out, norms
 
 
-def test_llama_blocks_train_at_tp2_like_one_process(corpus, tmp_path):  # noqa: F811
+def test_llama_blocks_train_at_tp2_like_one_process(corpus, tmp_path):
     (reference,), reference_norms = run(corpus, tmp_path / "one", 1)
     assert reference["hessian_updates"] == 4 and all(n > 0.05 for n in reference_norms.values())
     assert "layers.0.mlp.gate_proj.weight" in reference["weights"]  # the LLaMA blocks were built

@@ -21,7 +21,6 @@ from neox_sophia.config.base import ConfigError
 from neox_sophia.config.loader import read_config_files
 from neox_sophia.config.neox import KEY_SECTION
 from tests.distributed import run_ranks
-from tests.test_training import corpus  # noqa: F401 (fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 UPSTREAM = os.path.join(ROOT, "tests", "fixtures", "upstream", "gpt-neox")
@@ -116,7 +115,7 @@ def family_worker(rank, world_size, runs):
 
 
 @pytest.mark.distributed
-def test_one_config_per_family_trains_with_sophia_and_exports_to_hugging_face(corpus, tmp_path):  # noqa: F811
+def test_one_config_per_family_trains_with_sophia_and_exports_to_hugging_face(corpus, tmp_path):
     from neox_sophia.convert.hf import to_hf
     from neox_sophia.model.gpt_neox import GPTNeoX
     from neox_sophia.parallel.topology import initialize_model_parallel

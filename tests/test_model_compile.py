@@ -12,7 +12,7 @@ the second test loads it from torch's on-disk cache; TP = 2 compiles its own pie
 import pytest
 
 from tests.distributed import run_ranks
-from tests.test_training import QUICKSTART, corpus  # noqa: F401  (a fixture)
+from tests.helpers import QUICKSTART
 
 pytestmark = pytest.mark.distributed
 
@@ -38,7 +38,7 @@ def compiled_and_eager_worker(rank, world_size, sets):
             "same_names": names["false"] == names["true"]}
 
 
-def settings(corpus, **extra):  # noqa: F811
+def settings(corpus, **extra):
     values = {"data_path": corpus.data_prefix, "vocab_file": corpus.tokenizer, "seq_length": 32,
               "max_position_embeddings": 32, "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2,
               "train_iters": 20, "optimizer.params.hessian_interval": 2, "checkpoint_activations": "true",
@@ -53,7 +53,7 @@ def check(ranks):
         assert rank["captured"] > 0 and rank["same_names"]  # compiled, and checkpoints keep their keys
 
 
-def test_compiled_layers_one_graph_for_all_layers(corpus):  # noqa: F811
+def test_compiled_layers_one_graph_for_all_layers(corpus):
     """Nine layers (more than torch.compile's default cache of 8 entries per function) share
     one graph: no layer falls back to eager."""
     [rank] = run_ranks(compiled_and_eager_worker, 1, args=(settings(corpus, num_layers=9),))
@@ -62,7 +62,7 @@ def test_compiled_layers_one_graph_for_all_layers(corpus):  # noqa: F811
 
 
 @pytest.mark.gpu
-def test_compiled_layers_on_cuda(corpus):  # noqa: F811
+def test_compiled_layers_on_cuda(corpus):
     """fp32 on one GPU: Triton kernels instead of C++; the bound is looser (1e-4: another GEMM
     split or reduction order may differ between the two runs on a GPU)."""
     [rank] = run_ranks(compiled_and_eager_worker, 1, args=(settings(corpus, num_layers=9),), accelerator="cuda")
@@ -72,6 +72,6 @@ def test_compiled_layers_on_cuda(corpus):  # noqa: F811
 
 
 @pytest.mark.parametrize("layout", ["model_parallel_size=2", "pipe_parallel_size=2"])
-def test_compiled_layers_under_tensor_and_pipeline_parallelism(corpus, layout):  # noqa: F811
+def test_compiled_layers_under_tensor_and_pipeline_parallelism(corpus, layout):
     key, value = layout.split("=")
     check(run_ranks(compiled_and_eager_worker, 2, args=(settings(corpus, **{key: value}),)))

@@ -7,24 +7,12 @@ give the same full weights at any TP size (layout-invariant init).
 import pytest
 import torch
 
-from neox_sophia.config.model import ModelConfig
 from neox_sophia.model.gpt_neox import GPTNeoX
 from neox_sophia.parallel.topology import initialize_model_parallel
 from tests.distributed import run_ranks
+from tests.helpers import NEOX_SEED, PADDED, neox_tokens, tiny_config
 
-VOCAB, PADDED = 100, 128
-SEED = 7
 VARIANTS = [(gpt_j, pct) for gpt_j in (False, True) for pct in (0.25, 1.0)]
-
-
-def tiny_config(gpt_j_residual, rotary_pct, **extra):
-    return ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=16,
-                       max_position_embeddings=32, pos_emb="rotary", rotary_pct=rotary_pct,
-                       gpt_j_residual=gpt_j_residual, no_weight_tying=True, **extra)
-
-
-def tokens():
-    return torch.randint(0, VOCAB, (3, 16), generator=torch.Generator().manual_seed(0))
 
 
 def hf_model(cfg, weights):
@@ -52,9 +40,9 @@ def hf_model(cfg, weights):
 def test_tp1_matches_hugging_face(gpt_j_residual, rotary_pct):
     initialize_model_parallel(1, 1)
     cfg = tiny_config(gpt_j_residual, rotary_pct)
-    model = GPTNeoX(cfg, PADDED, initialize_model_parallel(1, 1), seed=SEED).eval()
-    ours = model.full_logits(tokens())
-    theirs = hf_model(cfg, model.full_state_dict())(tokens()).logits
+    model = GPTNeoX(cfg, PADDED, initialize_model_parallel(1, 1), seed=NEOX_SEED).eval()
+    ours = model.full_logits(neox_tokens())
+    theirs = hf_model(cfg, model.full_state_dict())(neox_tokens()).logits
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
 
 
@@ -62,9 +50,9 @@ def tp2_worker(rank, world_size):
     grid = initialize_model_parallel(2, 1)
     out = {}
     for gpt_j, pct in VARIANTS:
-        model = GPTNeoX(tiny_config(gpt_j, pct), PADDED, grid, seed=SEED).eval()
+        model = GPTNeoX(tiny_config(gpt_j, pct), PADDED, grid, seed=NEOX_SEED).eval()
         shard = model.embedding.embed_in.weight.shape[0]
-        out[(gpt_j, pct)] = {"logits": model.full_logits(tokens()), "weights": model.full_state_dict(),
+        out[(gpt_j, pct)] = {"logits": model.full_logits(neox_tokens()), "weights": model.full_state_dict(),
                              "vocab_shard": shard}
     return {f"{k[0]}-{k[1]}": v for k, v in out.items()}
 
@@ -75,14 +63,14 @@ def test_tp2_matches_hugging_face_and_tp1_weights():
     grid = initialize_model_parallel(1, 1)
     for gpt_j, pct in VARIANTS:
         cfg = tiny_config(gpt_j, pct)
-        single = GPTNeoX(cfg, PADDED, grid, seed=SEED).full_state_dict()
+        single = GPTNeoX(cfg, PADDED, grid, seed=NEOX_SEED).full_state_dict()
         for r in ranks:
             got = r[f"{gpt_j}-{pct}"]
             assert got["vocab_shard"] == PADDED // 2  # really sharded
             assert got["weights"].keys() == single.keys()
             for name, w in single.items():
                 assert torch.equal(got["weights"][name], w), name  # layout-invariant init
-            theirs = hf_model(cfg, single)(tokens()).logits
+            theirs = hf_model(cfg, single)(neox_tokens()).logits
             torch.testing.assert_close(got["logits"], theirs, rtol=1e-5, atol=1e-5)
 
 
@@ -90,11 +78,11 @@ def test_tied_embedding_matches_hugging_face():
     grid = initialize_model_parallel(1, 1)
     cfg = tiny_config(False, 0.25)
     cfg.no_weight_tying = False
-    model = GPTNeoX(cfg, PADDED, grid, seed=SEED).eval()
+    model = GPTNeoX(cfg, PADDED, grid, seed=NEOX_SEED).eval()
     weights = model.full_state_dict()
     assert "embed_out.weight" not in weights
-    ours = model.full_logits(tokens())
-    theirs = hf_model(cfg, weights)(tokens()).logits
+    ours = model.full_logits(neox_tokens())
+    theirs = hf_model(cfg, weights)(neox_tokens()).logits
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
 
 
@@ -102,8 +90,8 @@ def test_loss_is_the_mean_cross_entropy_of_the_full_logits():
     from neox_sophia.model.layers import lm_loss
 
     grid = initialize_model_parallel(1, 1)
-    model = GPTNeoX(tiny_config(True, 0.25), PADDED, grid, seed=SEED)
-    x = tokens()
+    model = GPTNeoX(tiny_config(True, 0.25), PADDED, grid, seed=NEOX_SEED)
+    x = neox_tokens()
     labels = torch.roll(x, -1, dims=1)
     mask = torch.ones_like(x)
     mask[:, -1] = 0
@@ -116,11 +104,11 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients():
     from neox_sophia.model.layers import lm_loss
 
     grid = initialize_model_parallel(1, 1)
-    x = tokens()
+    x = neox_tokens()
     labels, mask = torch.roll(x, -1, dims=1), torch.ones_like(x)
     results = []
     for checkpoint in (False, True):
-        model = GPTNeoX(tiny_config(False, 0.25, checkpoint_activations=checkpoint), PADDED, grid, seed=SEED)
+        model = GPTNeoX(tiny_config(False, 0.25, checkpoint_activations=checkpoint), PADDED, grid, seed=NEOX_SEED)
         assert all(layer.checkpoint == checkpoint for layer in model.layers)
         loss = lm_loss(model(x), labels, mask)
         loss.backward()

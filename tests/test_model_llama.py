@@ -14,36 +14,11 @@ from neox_sophia.config.model import ModelConfig
 from neox_sophia.model.gpt_neox import GPTNeoX
 from neox_sophia.parallel.topology import initialize_model_parallel
 from tests.distributed import run_ranks
+from tests.helpers import LLAMA_SEED, LLAMA_VARIANTS, PADDED, llama_config, llama_tokens, perturbed
 
 transformers = pytest.importorskip("transformers")
 
-PADDED, SEED = 128, 5
-# name: (num_kv_heads, sliding_window_width, biases, activation)
-VARIANTS = {"llama": (None, None, False, "swiglu"), "gqa-biases": (2, None, True, "swiglu"),
-            "mqa-geglu": (1, None, False, "geglu"), "mistral-window": (2, 5, False, "swiglu")}
 HF_ACT = {"swiglu": "silu", "geglu": "gelu"}
-
-
-def llama_config(kv_heads, window, biases, activation, **extra):
-    values = dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_kv_heads=kv_heads, seq_length=16,
-                  max_position_embeddings=32, pos_emb="rotary", norm="rmsnorm", rms_norm_epsilon=1e-5,
-                  activation=activation, intermediate_size=3 * 48, no_weight_tying=True,
-                  use_bias_in_attn_linear=biases, use_bias_in_mlp=biases, rotary_emb_base=500000,
-                  sliding_window_width=window, attention_config=[[["flash"], 2]] if window else None)
-    return ModelConfig(**{**values, **extra})
-
-
-def tokens():
-    return torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(0))
-
-
-def perturbed(model):
-    """Norm weights and biases away from their init (ones, zeros), so a misplaced one shows."""
-    generator = torch.Generator().manual_seed(SEED)
-    with torch.no_grad():
-        for _, param in model.global_named_parameters():
-            param.add_(torch.randn(param.shape, generator=generator) * 0.1)
-    return model
 
 
 def hf_state_dict(weights, cfg):
@@ -82,30 +57,31 @@ def hf_model(cfg, weights):
     return model.eval()
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("variant", list(LLAMA_VARIANTS))
 def test_tp1_matches_hugging_face_llama_and_mistral(variant):
-    cfg = llama_config(*VARIANTS[variant])
-    model = perturbed(GPTNeoX(cfg, PADDED, initialize_model_parallel(1, 1), seed=SEED)).eval()
+    cfg = llama_config(*LLAMA_VARIANTS[variant])
+    model = perturbed(GPTNeoX(cfg, PADDED, initialize_model_parallel(1, 1), seed=LLAMA_SEED)).eval()
     weights = model.full_state_dict()
-    assert all("bias" not in n for n in weights) or VARIANTS[variant][2]
-    torch.testing.assert_close(model.full_logits(tokens()), hf_model(cfg, weights)(tokens()).logits,
+    assert all("bias" not in n for n in weights) or LLAMA_VARIANTS[variant][2]
+    torch.testing.assert_close(model.full_logits(llama_tokens()), hf_model(cfg, weights)(llama_tokens()).logits,
                                rtol=1e-5, atol=1e-5)
 
 
 def test_the_sliding_window_is_neox_window_plus_one_in_hugging_face():
     """The window must matter at this length: HF's sliding_window w (not w + 1) gives other logits."""
-    cfg = llama_config(*VARIANTS["mistral-window"])
-    model = perturbed(GPTNeoX(cfg, PADDED, initialize_model_parallel(1, 1), seed=SEED)).eval()
+    cfg = llama_config(*LLAMA_VARIANTS["mistral-window"])
+    model = perturbed(GPTNeoX(cfg, PADDED, initialize_model_parallel(1, 1), seed=LLAMA_SEED)).eval()
     weights = model.full_state_dict()
     hf_off_by_one = hf_model(llama_config(2, 4, False, "swiglu"), weights)  # HF sliding_window 5
-    assert (hf_off_by_one(tokens()).logits - model.full_logits(tokens())).abs().max() > 1e-2
+    assert (hf_off_by_one(llama_tokens()).logits - model.full_logits(llama_tokens())).abs().max() > 1e-2
 
 
 def test_gated_widths_follow_neox_rounding():
     """NeoX's ParallelMLP: LLaMA-7B's intermediate_size 32768 with mlp_multiple_of 256 is 11008 per
     branch; Mistral's published 14336 with multiple 1 gives mismatched matrices (refused)."""
-    seven_b = ModelConfig(num_layers=1, hidden_size=4096, num_attention_heads=32, seq_length=8, max_position_embeddings=8,
-                          pos_emb="rotary", activation="swiglu", intermediate_size=32768, mlp_multiple_of=256)
+    seven_b = ModelConfig(num_layers=1, hidden_size=4096, num_attention_heads=32, seq_length=8,
+                          max_position_embeddings=8, pos_emb="rotary", activation="swiglu", intermediate_size=32768,
+                          mlp_multiple_of=256)
     assert seven_b.mlp_widths == (22016, 11008) and seven_b.ffn_hidden_size == 11008
     seven_b.intermediate_size = None  # 4h -> int(2/3 x 16384) = 10922 -> 5632 per branch
     assert seven_b.mlp_widths == (11264, 5632)
@@ -118,17 +94,18 @@ def test_gated_widths_follow_neox_rounding():
     assert mistral.ffn_hidden_size == 14336
 
 
-TP2_VARIANTS = [v for v, args in VARIANTS.items() if (args[0] or 4) % 2 == 0]  # key/value heads split over 2
+TP2_VARIANTS = [v for v, args in LLAMA_VARIANTS.items() if (args[0] or 4) % 2 == 0]  # key/value heads split over 2
 
 
 def tp2_worker(rank, world_size):
     grid = initialize_model_parallel(2, 1)
     out = {}
     for variant in TP2_VARIANTS:
-        args = VARIANTS[variant]
-        model = GPTNeoX(llama_config(*args), PADDED, grid, seed=SEED).eval()
+        args = LLAMA_VARIANTS[variant]
+        model = GPTNeoX(llama_config(*args), PADDED, grid, seed=LLAMA_SEED).eval()
         qkv = model.layers[0].attention.query_key_value.weight.shape[0]
-        out[variant] = {"logits": model.full_logits(tokens()), "weights": model.full_state_dict(), "qkv_rows": qkv}
+        out[variant] = {"logits": model.full_logits(llama_tokens()), "weights": model.full_state_dict(),
+                        "qkv_rows": qkv}
     return out
 
 
@@ -137,9 +114,9 @@ def test_tp2_matches_hugging_face_and_tp1_weights():
     ranks = run_ranks(tp2_worker, 2)
     grid = initialize_model_parallel(1, 1)
     for variant in TP2_VARIANTS:
-        cfg = llama_config(*VARIANTS[variant])
-        single = GPTNeoX(cfg, PADDED, grid, seed=SEED).full_state_dict()
-        theirs = hf_model(cfg, single)(tokens()).logits
+        cfg = llama_config(*LLAMA_VARIANTS[variant])
+        single = GPTNeoX(cfg, PADDED, grid, seed=LLAMA_SEED).full_state_dict()
+        theirs = hf_model(cfg, single)(llama_tokens()).logits
         for r in ranks:
             got = r[variant]
             assert got["qkv_rows"] * 2 == single["layers.0.attention.query_key_value.weight"].shape[0]  # sharded

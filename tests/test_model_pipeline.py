@@ -8,13 +8,13 @@ from neox_sophia.model.layers import lm_loss
 from neox_sophia.model.pipeline import build_pipeline
 from neox_sophia.parallel.topology import initialize_model_parallel
 from tests.distributed import run_ranks
-from tests.test_model_hf import PADDED, SEED, tiny_config, tokens
+from tests.helpers import NEOX_SEED, PADDED, neox_tokens, tiny_config
 
 pytestmark = pytest.mark.distributed
 
 
 def batch():
-    x = tokens()
+    x = neox_tokens()
     labels = torch.roll(x, -1, dims=1)
     mask = torch.ones_like(x)
     mask[:, -1] = 0
@@ -34,7 +34,7 @@ def pp2_worker(rank, world_size):
     grid = initialize_model_parallel(1, 2)
     out = {}
     for tied in (False, True):
-        pipe = build_pipeline(model_config(tied), ParallelConfig(pipe_parallel_size=2), PADDED, grid, SEED)
+        pipe = build_pipeline(model_config(tied), ParallelConfig(pipe_parallel_size=2), PADDED, grid, NEOX_SEED)
         weights = full_state_dict(pipe)
         engine, *_ = deepspeed.initialize(model=pipe, config={
             "train_micro_batch_size_per_gpu": 3, "gradient_accumulation_steps": 1,
@@ -49,7 +49,7 @@ def test_pp2_has_the_same_weights_and_loss_as_one_process():
     ranks = run_ranks(pp2_worker, 2)
     grid = initialize_model_parallel(1, 1)
     for tied in (False, True):
-        model = GPTNeoX(model_config(tied), PADDED, grid, seed=SEED).eval()
+        model = GPTNeoX(model_config(tied), PADDED, grid, seed=NEOX_SEED).eval()
         single = model.full_state_dict()
         x, labels, mask = batch()
         expected = lm_loss(model(x), labels, mask)
@@ -74,8 +74,8 @@ def test_build_model_follows_pipe_parallel_size():
 
     grid = initialize_model_parallel(1, 1)
     cfg = model_config(tied=False)
-    plain = build_model(cfg, ParallelConfig(pipe_parallel_size=0), PADDED, grid, SEED)
-    piped = build_model(cfg, ParallelConfig(pipe_parallel_size=1), PADDED, grid, SEED)
+    plain = build_model(cfg, ParallelConfig(pipe_parallel_size=0), PADDED, grid, NEOX_SEED)
+    piped = build_model(cfg, ParallelConfig(pipe_parallel_size=1), PADDED, grid, NEOX_SEED)
     assert isinstance(plain, GPTNeoX) and isinstance(piped, PipelineModule)
     a, b = full_state_dict(plain), full_state_dict(piped)
     assert a.keys() == b.keys()

@@ -45,14 +45,6 @@ sys.exit(max(rank.wait() for rank in ranks))
 """
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    from neox_sophia.data.corpus import prepare_builtin_corpus
-
-    return prepare_builtin_corpus(tmp_path_factory.mktemp("corpus"), max_bytes=1_000_000, vocab_size=512,
-                                  log=None)
-
-
 def sets(corpus, run_dir, micro, accumulation, hessian_batch=2):
     """A short quickstart run of 4 sequences per step as micro x accumulation x data-parallel ranks;
     the Hessian batch and the data order do not depend on that split."""

@@ -114,8 +114,8 @@ def test_llemmas_decay_lr_to_and_warmup_iters_give_its_schedule(write):
                                   '"warmup_iters": 50}')
     cfg = load([path])
     assert cfg.training.min_lr == pytest.approx(0.033 * 1e-4, rel=1e-15) and cfg.training.warmup == 0.05
-    assert cfg.notes == [f"decay_lr_to: 0.033 read as min_lr = 3.3e-06 (the llemma branch's cosine floor as a "
-                         f"fraction of lr)",
+    assert cfg.notes == ["decay_lr_to: 0.033 read as min_lr = 3.3e-06 (the llemma branch's cosine floor as a "
+                         "fraction of lr)",
                          "warmup_iters: 50 read as warmup = 0.05 (the llemma branch's warmup in steps)"]
     schedule = cfg.lr_schedule()
     for step in (0, 1, 25, 50, 51, 300, 999, 1000):
@@ -137,7 +137,8 @@ def test_decay_lr_to_conflicts_and_replacements(write):
 def test_attention_type_is_what_num_kv_heads_implies(write):
     cfg = load([write("a.yml", MODEL + ', "attention_type": "multihead"}')])
     assert cfg.notes == ["attention_type: 'multihead' dropped (implied by num_kv_heads in current NeoX)"]
-    assert "does not match num_kv_heads None" in refusal([write("b.yml", MODEL + ', "attention_type": "groupedquery"}')])
+    grouped = write("b.yml", MODEL + ', "attention_type": "groupedquery"}')
+    assert "does not match num_kv_heads None" in refusal([grouped])
 
 
 # --- deepy.py's config names -------------------------------------------------------------------
@@ -166,7 +167,8 @@ def engine(write, zero=None, extra=None):
 
 
 def test_cpu_offload_of_the_optimizer_state_reaches_deepspeed(write):
-    ds = load([engine(write, {"stage": 2, "offload_optimizer": {"device": "cpu", "pin_memory": True}})]).deepspeed_config()
+    ds = load([engine(write, {"stage": 2, "offload_optimizer": {"device": "cpu", "pin_memory": True}})]
+              ).deepspeed_config()
     assert ds["zero_optimization"] == {"stage": 2, "offload_optimizer": {"device": "cpu", "pin_memory": True}}
     assert ds["zero_force_ds_cpu_optimizer"] is False  # DeepSpeed refuses a client optimizer otherwise
     legacy = load([engine(write, {"stage": 1, "cpu_offload": True})]).deepspeed_config()  # NeoX's older spelling
@@ -216,6 +218,7 @@ def refusal_line(stderr: str, command: str) -> str:
     return lines[0].split(": ", 1)[1]
 
 
+@pytest.mark.distributed  # starts `neox-sophia train` in a subprocess
 def test_plan_and_train_refuse_fp16_at_zero_stage_0_with_the_same_line(tmp_path):
     """NeoX's own pythia/14M.yml: fp16 at ZeRO stage 0, which this DeepSpeed mishandles."""
     config = os.path.join(UPSTREAM, "gpt-neox", "pythia", "14M.yml")

@@ -8,56 +8,15 @@ import os
 import re
 import shutil
 import signal
-import subprocess
 import sys
 import time
 
 import pytest
 
 from tests.distributed import free_port
-from tests.test_training import QUICKSTART, ROOT, cli, launcher_free_env, overrides, read_metrics
+from tests.helpers import QUICKSTART, as_args, cli, overrides, read_metrics, start_rank, text, wait_for_line
 
 pytestmark = pytest.mark.distributed
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    from neox_sophia.data.corpus import prepare_builtin_corpus
-
-    return prepare_builtin_corpus(tmp_path_factory.mktemp("corpus"), max_bytes=1_000_000, vocab_size=512,
-                                  log=None)
-
-
-def as_args(sets):
-    return [a for s in sets for a in ("--set", s)]
-
-
-def start_rank(run_dir, rank, world_size, port, sets, name=None):
-    """`neox-sophia train` as rank ``rank`` with a launcher's environment but no launcher (as
-    under srun or mpirun, which do not tear the job down themselves); stdout/stderr to files."""
-    name = name or f"rank{rank}"
-    env = launcher_free_env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
-                            LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                            OMP_NUM_THREADS="1")
-    out, err = open(os.path.join(run_dir, f"{name}.out"), "w"), open(os.path.join(run_dir, f"{name}.err"), "w")
-    return subprocess.Popen([sys.executable, "-m", "neox_sophia.cli", "train", QUICKSTART, *as_args(sets)],
-                            stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env, cwd=ROOT)
-
-
-def text(run_dir, name):
-    with open(os.path.join(run_dir, name)) as f:
-        return f.read()
-
-
-def wait_for_line(run_dir, name, needle, procs, timeout=240):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if needle in text(run_dir, name):
-            return
-        if any(p.poll() is not None for p in procs):
-            raise AssertionError(f"a rank ended before '{needle}':\n" + text(run_dir, name)[-3000:])
-        time.sleep(0.2)
-    raise AssertionError(f"no '{needle}' in {name} after {timeout} s")
 
 
 def stopped_step(stdout, save_dir):

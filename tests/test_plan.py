@@ -8,18 +8,9 @@ import pytest
 from neox_sophia.cli import main
 from neox_sophia.config import load_config
 from neox_sophia.plan import GIB, plan_config
+from tests.helpers import ROOT, neox_parameters
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "configs")
-
-
-def neox_parameters(layers, hidden, vocab, tied=False, ffn=None):
-    """GPT-NeoX parameters written out: embedding, per layer (2 LayerNorms, QKV, dense, MLP),
-    final LayerNorm, output layer."""
-    ffn = ffn or 4 * hidden
-    per_layer = 2 * 2 * hidden + (3 * hidden * hidden + 3 * hidden) + (hidden * hidden + hidden) \
-        + (hidden * ffn + ffn) + (ffn * hidden + hidden)
-    return vocab * hidden + layers * per_layer + 2 * hidden + (0 if tied else vocab * hidden)
 
 
 def files(model, optimizer="sophia"):

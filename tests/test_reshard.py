@@ -15,8 +15,7 @@ import pytest
 import torch
 
 from tests.distributed import run_ranks
-from tests.test_layouts import COMMON, OPTIONS
-from tests.test_training import QUICKSTART, cli, corpus, overrides  # noqa: F401 (fixture)
+from tests.helpers import COMMON, OPTIONS, QUICKSTART, cli, overrides
 
 pytestmark = pytest.mark.distributed
 
@@ -41,17 +40,18 @@ def resume_worker(rank, world_size, sets):
                                       "state": optimizer_state_by_name(run.engine, run.optimizer),
                                       "groups": [{k: g.get(k) for k in ("name", "hessian_updates", "hessian_floor")}
                                                  for g in run.optimizer.param_groups]}
-    bs = sorted({g["bs"] for g in run.optimizer.param_groups if g.get("bs") is not None})  # Sophia's tokens per Hessian batch
+    # Sophia's tokens per Hessian batch
+    bs = sorted({g["bs"] for g in run.optimizer.param_groups if g.get("bs") is not None})
     result = train_loop(run, start, nonfinite)
     return {"start": start, "loss": result.train_loss, "loaded": loaded, "bs": bs}
 
 
-def settings(corpus, run_dir, layout, **extra):  # noqa: F811
+def settings(corpus, run_dir, layout, **extra):
     return overrides(corpus, run_dir, checkpoint_factor=4, **COMMON, **LAYOUTS[layout][1], **extra)
 
 
 @pytest.fixture(scope="module")
-def sources(corpus, tmp_path_factory):  # noqa: F811
+def sources(corpus, tmp_path_factory):
     """name -> (the uninterrupted run's result, the universal checkpoint of its step 4)."""
     from neox_sophia.convert.reader import read_checkpoint
     from neox_sophia.convert.universal import save_universal
@@ -68,7 +68,7 @@ def sources(corpus, tmp_path_factory):  # noqa: F811
 
 @pytest.mark.parametrize("source,target", [("dp2-zero1", "one"), ("one", "dp2-zero2"), ("tp2", "one"),
                                            ("one", "tp2"), ("pp2", "one"), ("one", "pp2")])
-def test_resume_at_another_layout(corpus, sources, tmp_path, source, target):  # noqa: F811
+def test_resume_at_another_layout(corpus, sources, tmp_path, source, target):
     from neox_sophia.convert.universal import load_universal
 
     universal = load_universal(sources[source][1])
@@ -88,7 +88,7 @@ def test_resume_at_another_layout(corpus, sources, tmp_path, source, target):  #
         assert out[0]["loss"][step] == pytest.approx(reference[step], rel=1e-5), step
 
 
-def test_a_deepspeed_checkpoint_at_another_layout_is_refused_with_the_fix(corpus, sources, tmp_path):  # noqa: F811
+def test_a_deepspeed_checkpoint_at_another_layout_is_refused_with_the_fix(corpus, sources, tmp_path):
     saved = os.path.dirname(sources["tp2"][1])
     sets = settings(corpus, str(tmp_path), "one", load=os.path.join(saved, "ckpt"))
     done = cli(["train", QUICKSTART] + [a for s in sets for a in ("--set", s)])
@@ -96,7 +96,7 @@ def test_a_deepspeed_checkpoint_at_another_layout_is_refused_with_the_fix(corpus
     assert "model_parallel_size 2 -> 1" in done.stderr and "neox-sophia convert consolidate" in done.stderr
 
 
-def test_options_beyond_the_paper_reshard(corpus, tmp_path):  # noqa: F811
+def test_options_beyond_the_paper_reshard(corpus, tmp_path):
     """A split optimizer (AdamW state on some roles, Sophia's on the others) with bias correction
     and a floor: DP 2 (ZeRO-1) -> universal -> one process continues like the uninterrupted run,
     the refresh count (bias correction) and the floors included."""
@@ -120,7 +120,7 @@ def test_options_beyond_the_paper_reshard(corpus, tmp_path):  # noqa: F811
         assert out["loss"][step] == pytest.approx(reference["loss"][step], rel=1e-5), step
 
 
-def test_the_default_hessian_batch_is_the_same_at_every_layout(corpus, tmp_path):  # noqa: F811
+def test_the_default_hessian_batch_is_the_same_at_every_layout(corpus, tmp_path):
     """The default Hessian batch, half the 4-sequence training batch, is 2 global sequences at DP=1
     (one micro-batch of 2) and at DP=2 with micro-batch 2 and no accumulation (one micro-batch per
     rank, 2 real rows on rank 0, 2 padding rows on rank 1), and at TP=2: bs is 2 x 32 tokens at

@@ -7,7 +7,7 @@ import torch
 from neox_sophia.config import ConfigError, load_config
 from neox_sophia.optim.factory import parse_optimizer_block
 from tests.distributed import run_ranks
-from tests.test_training import QUICKSTART, cli, corpus, overrides  # noqa: F401 (fixture)
+from tests.helpers import QUICKSTART, cli, overrides
 
 CLIP = 1e-4  # far below the norm of u*Hu: clipping it would shrink h by orders of magnitude
 
@@ -61,7 +61,7 @@ def hutchinson_step_worker(rank, world_size, sets):
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("stage", [0, 2])
-def test_the_hutchinson_step_folds_u_hu_into_the_hessian_and_nothing_else(corpus, tmp_path, stage):  # noqa: F811
+def test_the_hutchinson_step_folds_u_hu_into_the_hessian_and_nothing_else(corpus, tmp_path, stage):
     """From h = 0 one refresh gives h = (1 - beta2) * u*Hu: the engine's hooks, data-parallel
     mean and gradient-accumulation rescaling deliver the same u*Hu as central differences taken
     directly (to the fp32 rounding the finite difference amplifies: measured within 4.3e-5 of
@@ -125,7 +125,7 @@ def test_sophia_h_has_no_batch_factor():
 
 
 @pytest.mark.distributed
-def test_train_and_plan_refuse_what_the_config_refuses(corpus, tmp_path, capsys):  # noqa: F811
+def test_train_and_plan_refuse_what_the_config_refuses(corpus, tmp_path, capsys):
     from neox_sophia.cli import main
 
     sets = overrides(corpus, str(tmp_path), eval_iters=0) + ["optimizer.params.estimator=hutchinson",

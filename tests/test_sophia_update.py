@@ -7,34 +7,10 @@ import torch
 
 from neox_sophia.optim import Sophia, SophiaStatistics
 from neox_sophia.optim import kernels, reference
+from tests.helpers import (GROUPS, check_flat_partitions_equal_separate_tensors, drive, gradient_stream,
+                           hessian_case, make_params, sophia_groups)
 
-SHAPES = [(7, 5), (13,), (3, 4, 6), (300,)]
-
-
-def make_params(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.nn.Parameter(torch.randn(s, generator=g)) for s in SHAPES]
-
-
-def gradient_stream(steps, seed=1):
-    """Deterministic gradients with coordinates on very different scales (some clip, some not)."""
-    g = torch.Generator().manual_seed(seed)
-    scales = [torch.rand(s, generator=g) * 3 - 2 for s in SHAPES]  # log10 scale in [-2, 1)
-    for _ in range(steps):
-        yield ([torch.randn(s, generator=g) * 10 ** sc for s, sc in zip(SHAPES, scales)],
-               [torch.randn(s, generator=g) * 10 ** sc for s, sc in zip(SHAPES, scales)])
-
-
-GROUPS = [  # two groups: with and without weight decay, different rho and bs
-    dict(idx=[0, 1], lr=3e-2, weight_decay=0.2, rho=0.05, bs=64, betas=(0.965, 0.99)),
-    dict(idx=[2, 3], lr=1e-2, weight_decay=0.0, rho=0.02, bs=32, betas=(0.9, 0.95)),
-]
 EPS = 1e-15
-
-
-def sophia_groups(params):
-    return [dict(params=[params[i] for i in g["idx"]], **{k: v for k, v in g.items() if k != "idx"})
-            for g in GROUPS]
 
 
 class PaperSophia:
@@ -62,20 +38,6 @@ class PaperSophia:
         self.refreshes += 1
         for i, grad in enumerate(grads):
             self.h[i] = reference.hessian_refresh(self.h[i], grad * grad, beta2=self.hyper[i]["betas"][1])
-
-
-def drive(opt, params, steps, k=3, on_step=None):
-    """Official order: update every step; Hessian pass after the update when it % k == k-1."""
-    for it, (grads, hess_grads) in enumerate(gradient_stream(steps)):
-        for p, g in zip(params, grads):
-            p.grad = g.clone()
-        opt.step()
-        if it % k == k - 1:
-            for p, g in zip(params, hess_grads):
-                p.grad = g.clone()
-            opt.update_hessian()
-        if on_step:
-            on_step(it)
 
 
 def assert_close_to_scale(actual, expected, rel=1e-5):
@@ -136,32 +98,6 @@ def test_foreach_single_tensor_and_chunked_waves_are_identical(monkeypatch):
                                                     opt.state[p]["hessian"])])
     for other in results[1:]:
         assert all(torch.equal(a, b) for a, b in zip(results[0], other))
-
-
-def check_flat_partitions_equal_separate_tensors(**options):
-    """ZeRO hands the optimizer one flat fp32 partition per group: same numbers, other layout."""
-    params = make_params()
-    flat = [torch.nn.Parameter(torch.cat([params[i].detach().reshape(-1) for i in g["idx"]]))
-            for g in GROUPS]
-    opt = Sophia(sophia_groups(params), **options)
-    opt_flat = Sophia([dict(params=[f], **{k: v for k, v in g.items() if k != "idx"})
-                       for f, g in zip(flat, GROUPS)], **options)
-    for it, (grads, hess_grads) in enumerate(gradient_stream(25)):
-        for which in ("step", "hessian"):
-            gs = grads if which == "step" else hess_grads
-            if which == "hessian" and it % 3 != 2:
-                continue
-            for p, g in zip(params, gs):
-                p.grad = g
-            for f, g in zip(flat, GROUPS):
-                f.grad = torch.cat([gs[i].reshape(-1) for i in g["idx"]])
-            for o in (opt, opt_flat):
-                o.step() if which == "step" else o.update_hessian()
-    for f, g in zip(flat, GROUPS):
-        for key in ("exp_avg", "hessian"):
-            joined = torch.cat([opt.state[params[i]][key].reshape(-1) for i in g["idx"]])
-            assert torch.equal(joined, opt_flat.state[f][key])
-        assert torch.equal(torch.cat([params[i].detach().reshape(-1) for i in g["idx"]]), f.detach())
 
 
 def test_flattened_params_give_identical_results():
@@ -364,22 +300,6 @@ def test_bf16_parameters_keep_an_exact_rejected_count_across_load():
     assert other.state[q]["hessian_rejected"].dtype == torch.float32
     assert other.statistics().hessian_rejected == 300
     assert other.state[q]["hessian"].dtype == torch.bfloat16
-
-
-def hessian_case(dtype, seed=0):
-    """Hessians and estimates where most coordinates are ordinary and a few chunks hold what the
-    guard must catch: NaN, inf, a square that overflows, a sum that overflows, values near the
-    largest float that still fit."""
-    g = torch.Generator().manual_seed(seed)
-    big = torch.finfo(dtype).max
-    hs = [torch.rand(s, generator=g).to(dtype) for s in [(40, 9), (70,), (5, 5), (0,), (300,)]]
-    es = [torch.randn(h.shape, generator=g).to(dtype) for h in hs]
-    es[0][3, 4] = float("nan")
-    es[1][60] = float("inf")
-    es[2][1, 1] = math.sqrt(big) * 20      # e*e overflows
-    hs[4][7], es[4][7] = big * 0.999, math.sqrt(big) * 2  # b2*h + (1-b2)*e*e overflows
-    hs[4][250], es[4][250] = big * 0.9, 1.0  # huge but finite: must be kept
-    return hs, es
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -124,7 +124,7 @@ def test_hf_tokenizer_without_eod_token_fails_only_when_asked(tmp_path):
     tok = build_tokenizer("HFTokenizer", str(tmp_path / "no_eod.json"))
     assert tok.decode(tok.encode("abc")) == "abc"
     with pytest.raises(ValueError, match=r"no_eod\.json.*<\|endoftext\|>"):
-        tok.eod_id
+        tok.eod_id  # noqa: B018 (the property raises)
 
 
 # --- GPT2BPETokenizer --------------------------------------------------------------------------

@@ -2,7 +2,6 @@
 resume is bit-exact, a save killed midway loses nothing, bad input stops with a clear message,
 the launchers start ranks, and the Hessian step changes only the Hessian (fp32, bf16, fp16).
 Layout invariance (TP x PP x DP, ZeRO, micro-batch split) is tests/test_layouts.py."""
-import json
 import os
 import shutil
 import subprocess
@@ -12,34 +11,9 @@ import pytest
 import torch
 
 from tests.distributed import run_ranks
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-QUICKSTART = os.path.join(ROOT, "configs", "quickstart.yml")
+from tests.helpers import QUICKSTART, ROOT, cli, launcher_free_env, overrides, read_metrics
 
 pytestmark = pytest.mark.distributed
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    from neox_sophia.data.corpus import prepare_builtin_corpus
-
-    return prepare_builtin_corpus(tmp_path_factory.mktemp("corpus"), max_bytes=1_000_000, vocab_size=512,
-                                  log=None)
-
-
-def overrides(corpus, run_dir, **extra):
-    # 4 sequences per step as 2 micro-batches of 2; the Hessian batch is 2 sequences (half), set
-    # explicitly so that it stays the same when a test changes the micro-batch split
-    values = {"data_path": corpus.data_prefix, "vocab_file": corpus.tokenizer, "seq_length": 32,
-              "max_position_embeddings": 32, "train_micro_batch_size_per_gpu": 2,
-              "gradient_accumulation_steps": 2, "train_iters": 12,
-              "lr_decay_iters": 12, "log_interval": 1, "eval_interval": 6, "eval_iters": 2,
-              "optimizer.params.hessian_interval": 3, "optimizer.params.lr": 2.0e-3,
-              "optimizer.params.hessian_batch_size": 2,
-              "save": os.path.join(run_dir, "ckpt"), "load": os.path.join(run_dir, "ckpt"),
-              "checkpoint_factor": 100, "log_dir": os.path.join(run_dir, "logs")}
-    values.update(extra)
-    return [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in values.items()]
 
 
 def train_worker(rank, world_size, sets):
@@ -54,11 +28,6 @@ def train_worker(rank, world_size, sets):
     return {"loss": result.train_loss, "val": result.val_loss, "hessian_updates": result.hessian_updates,
             "weights": full_state_dict(run.engine.module), "start": start,
             "hessian_abs_sum": float(sum(h.abs().sum() for h in hessian)) if hessian else None}
-
-
-def read_metrics(run_dir):
-    with open(os.path.join(run_dir, "logs", "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 @pytest.mark.parametrize("optimizer", ["sophia", "adamw"])
@@ -105,18 +74,6 @@ def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(corpus, tmp_path):
         assert second["loss"][step] == straight["loss"][step], step
     for name, w in straight["weights"].items():
         assert torch.equal(second["weights"][name], w), name
-
-
-def launcher_free_env(**extra):
-    """This environment without any launcher variables an earlier in-process test may have set."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    return {**env, "DS_ACCELERATOR": "cpu", **extra}
-
-
-def cli(args, env=None, timeout=300):
-    return subprocess.run([sys.executable, "-m", "neox_sophia.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env=launcher_free_env(**(env or {})), cwd=ROOT, stdin=subprocess.DEVNULL)
 
 
 def test_kill_during_save_keeps_the_previous_checkpoint(corpus, tmp_path):

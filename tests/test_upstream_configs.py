@@ -17,10 +17,8 @@ from neox_sophia.config import ConfigError, IgnoredKeysWarning, load_config
 from neox_sophia.plan import plan_config
 from neox_sophia.training.preflight import refuse_untrainable
 from tests.distributed import run_ranks
-from tests.test_plan import neox_parameters
-from tests.test_training import corpus, launcher_free_env  # noqa: F401 (fixture)
+from tests.helpers import ROOT, launcher_free_env, neox_parameters
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 UPSTREAM = os.path.join(ROOT, "tests", "fixtures", "upstream")
 SOPHIA, ADAMW = (os.path.join(ROOT, "configs", f"{name}.yml") for name in ("sophia", "adamw"))
 
@@ -147,7 +145,7 @@ def test_companion_files_load_next_to_a_model_file(name):
 # --- a few steps on CPU at a reduced size ------------------------------------------------------
 
 
-def reduced(corpus, log_dir):  # noqa: F811
+def reduced(corpus, log_dir):
     """--set overrides that shrink a published config to a CPU-sized run on the built-in corpus."""
     values = {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "seq_length": 32,
               "max_position_embeddings": 32, "attention_config": None, "model_parallel_size": 1,
@@ -172,7 +170,7 @@ def train_worker(rank, world_size, runs):
 
 
 @pytest.mark.distributed
-def test_representatives_train_switched_to_sophia_and_adamw(corpus, tmp_path):  # noqa: F811
+def test_representatives_train_switched_to_sophia_and_adamw(corpus, tmp_path):
     sophia_k2 = ["optimizer.params.hessian_interval=2"]
     runs = [(["gpt-neox/pythia/70M.yml"], [SOPHIA], reduced(corpus, str(tmp_path / "a")) + sophia_k2),
             (["pythia/70M/pythia-70m-deduped.yml"], [SOPHIA], reduced(corpus, str(tmp_path / "b")) + sophia_k2),
@@ -180,13 +178,13 @@ def test_representatives_train_switched_to_sophia_and_adamw(corpus, tmp_path):  
     results = run_ranks(train_worker, 1, args=(runs,))[0]
     assert [r["optimizer"] for r in results] == ["sophia", "sophia", "adamw"]
     for r in results:
-        assert sorted(r["loss"]) == [1, 2, 3, 4] and all(l == l and l < 20 for l in r["loss"].values())
+        assert sorted(r["loss"]) == [1, 2, 3, 4] and all(loss == loss and loss < 20 for loss in r["loss"].values())
         assert sorted(r["val"]) == [2, 4]
     assert [r["hessian_updates"] for r in results] == [2, 2, 0]
 
 
 @pytest.mark.distributed
-def test_the_flagship_trains_switched_to_sophia_from_the_command_line(corpus, tmp_path):  # noqa: F811
+def test_the_flagship_trains_switched_to_sophia_from_the_command_line(corpus, tmp_path):
     """NeoX's configs/125M.yml (hostfile /mock_path, fp16 at ZeRO-1, pipe_parallel_size 1) named
     the deepy.py way, with --override configs/sophia.yml."""
     sets = reduced(corpus, str(tmp_path)) + ["optimizer.params.hessian_interval=2"]

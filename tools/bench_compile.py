@@ -82,8 +82,9 @@ def main(argv=None) -> int:
         print(json.dumps(result))
         return 0
     m = result["model"]
-    print(f"{m['num_layers']} layers x {m['hidden_size']}, seq {m['seq_length']}, {result['tokens_per_iteration']} tokens "
-          f"per iteration, {result['precision']}, {result['device']}, {result['threads']} threads")
+    print(f"{m['num_layers']} layers x {m['hidden_size']}, seq {m['seq_length']}, "
+          f"{result['tokens_per_iteration']} tokens per iteration, {result['precision']}, {result['device']}, "
+          f"{result['threads']} threads")
     for flag in ("eager", "compiled"):
         print(f"{flag:<9} {result[f'{flag}_ms_per_iteration']:9.1f} ms/iteration {result['tokens_per_s'][flag]:10.0f} "
               f"tok/s   first block {result['first_block_s'][flag]:.1f} s")

@@ -251,7 +251,8 @@ def measure_memory(configs: List[str], overrides: List[str], k: int) -> Dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # deepspeed's launcher adds it; LOCAL_RANK is read
+    # deepspeed's launcher adds it; LOCAL_RANK is what is read
+    parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)
     parser.add_argument("configs", nargs="+")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--blocks", type=int, default=5, help="timed blocks of k iterations per optimizer")
@@ -280,9 +281,11 @@ def main(argv=None) -> int:
     lay = result["layout"]
     print(f"layout: {lay['world_size']} ranks = TP {lay['tp']} x PP {lay['pp']} x DP {lay['dp']}, batch "
           f"{lay['train_batch_size']} ({lay['micro_batch_size']} x {lay['gradient_accumulation_steps']} per rank), "
-          f"Hessian batch {lay['hessian_batch_size']}, {lay['precision']}, ZeRO-{lay['zero_stage']}, {result['device']}")
-    print(f"AdamW   {result['adamw_ms_per_iteration']:9.1f} ms/iteration  {result['tokens_per_s']['adamw']:10.0f} tok/s")
-    print(f"Sophia  {result['sophia_ms_per_iteration']:9.1f} ms/iteration  {result['tokens_per_s']['sophia']:10.0f} tok/s"
+          f"Hessian batch {lay['hessian_batch_size']}, {lay['precision']}, ZeRO-{lay['zero_stage']}, "
+          f"{result['device']}")
+    tokens_per_s = result["tokens_per_s"]
+    print(f"AdamW   {result['adamw_ms_per_iteration']:9.1f} ms/iteration  {tokens_per_s['adamw']:10.0f} tok/s")
+    print(f"Sophia  {result['sophia_ms_per_iteration']:9.1f} ms/iteration  {tokens_per_s['sophia']:10.0f} tok/s"
           f"  (k={result['k']}; Hessian step {result['hessian_step_ms']:.1f} ms)")
     print(f"overhead {result['overhead_pct']:+.1f}% of an AdamW iteration; bound (Hessian batch / batch) / k = "
           f"{result['bound_pct']:.1f}%, gap {result['gap_to_bound_pct']:+.1f} points (goal: within 0.5)")

@@ -61,7 +61,7 @@ def measure(configs: List[str], overrides: List[str], runs: int, cold: bool, shm
         env["NEOX_SOPHIA_DEEPSPEED_SHM_OP"] = "1"
     results = []
     with tempfile.TemporaryDirectory() as caches:
-        for index in range(runs):
+        for _ in range(runs):
             run_env = dict(env)
             if cold:  # the same fresh caches for every run: the first fills them, later ones reuse them
                 run_env.update(TORCH_EXTENSIONS_DIR=os.path.join(caches, "extensions"),
@@ -87,7 +87,8 @@ def main(argv=None) -> int:
     for index, run in enumerate(result["runs"]):
         label = "first (empty caches)" if index == 0 and args.cold else f"run {index + 1}"
         phases = ", ".join(f"{name} {seconds:.1f}" for name, seconds in run["phases_s"].items())
-        print(f"{label}: first step {run['total_s']:.1f} s after start ({phases}); process {run['process_wall_s']:.1f} s")
+        print(f"{label}: first step {run['total_s']:.1f} s after start ({phases}); "
+              f"process {run['process_wall_s']:.1f} s")
     return 0
 
 

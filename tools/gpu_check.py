@@ -68,8 +68,8 @@ def full_steps(args: argparse.Namespace, gpus: int) -> Dict[str, List[str]]:
         "startup": tool("bench_startup.py") + model + batch + ["--runs", "1", "--json"],
     }
     if gpus >= 2:
-        steps["multi_rank"] = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}"]
-                               + tool("bench_overhead.py")[1:] + model
+        steps["multi_rank"] = ([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                f"--nproc_per_node={gpus}"] + tool("bench_overhead.py")[1:] + model
                                + sets(f"train_batch_size={16 * gpus}", "train_micro_batch_size_per_gpu=16",
                                       "gradient_accumulation_steps=1") + ["--blocks", "2", "--k", "10", "--json"])
     return steps
@@ -155,7 +155,8 @@ def _rows_training(r: Dict) -> List[List[str]]:
              f"peak {_fmt(r['peak_tflops'])} TFLOP/s"],
             ["Hessian overhead (% of an AdamW iteration)", f"{r['overhead_pct']:+.2f}",
              f"bound {r['bound_pct']:.2f}, gap {r['gap_to_bound_pct']:+.2f} points (goal within 0.5)"],
-            ["label sampling / Hessian EMA (points)", f"{r['label_sampling_pct']:.2f} / {r['hessian_ema_pct']:.2f}", ""]]
+            ["label sampling / Hessian EMA (points)",
+             f"{r['label_sampling_pct']:.2f} / {r['hessian_ema_pct']:.2f}", ""]]
     memory = r.get("memory") or {}
     for key, label in (("cuda_peak_allocated_bytes", "peak CUDA memory"), ("peak_rss_bytes", "peak resident memory")):
         if key in memory:
@@ -185,7 +186,8 @@ def _rows_multi_rank(r: Dict) -> List[List[str]]:
 
 
 def _rows_gpu_tests(r: Dict) -> List[List[str]]:
-    return [["gpu tests passed / failed / skipped", f"{r['passed']} / {r['failed'] + r['errors']} / {r['skipped']}", ""]]
+    failed = r["failed"] + r["errors"]
+    return [["gpu tests passed / failed / skipped", f"{r['passed']} / {failed} / {r['skipped']}", ""]]
 
 
 ROWS: Dict[str, Callable[[Dict], List[List[str]]]] = {

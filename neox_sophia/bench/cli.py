@@ -1,7 +1,8 @@
 """Convergence benchmark (tools/bench_convergence.py): AdamW against Sophia and its variants.
 
-AdamW and Sophia (the paper's Sophia-G and named variants) on the same GPT-NeoX model, data, batch, LR schedule (warmup + cosine to 0.05 x lr) and number of steps,
-each tuned on a grid of the same size by validation loss (a held-out split); then the
+AdamW and Sophia (the paper's Sophia-G and named variants) on the same GPT-NeoX model, data,
+batch, LR schedule (warmup + cosine to 0.05 x lr) and number of steps, each tuned on a grid of the
+same size by validation loss (a held-out split); then the
 validation-loss curves of the best of each, per-group Sophia statistics and stability.
 
     python tools/bench_convergence.py                                # the default CPU run (old regime)
@@ -19,10 +20,11 @@ overrides (neox_sophia.bench.variants); min_lr = 0.05 x lr for both. Data: a bui
 (--corpus stdlib|gcide at --vocab-size, made by the tool if missing) unless --data config.
 
 Every evaluation uses the same held-out sequences (the trainer's first validation pass: eval_iters
-batches of train_batch_size sequences, as NeoX counts them), so the curves are smooth and comparable; seconds are training seconds
-(evaluations excluded). The best point of each optimizer is its grid run with the lowest final
-validation loss. A best lr at an edge of its grid is extended by one more lr beyond that edge
-(--extend-edges), the same rule for every optimizer and variant; an edge that remains is reported.
+batches of train_batch_size sequences, as NeoX counts them), so the curves are smooth and
+comparable; seconds are training seconds (evaluations excluded). The best point of each optimizer
+is its grid run with the lowest final validation loss. A best lr at an edge of its grid is extended
+by one more lr beyond that edge (--extend-edges), the same rule for every optimizer and variant; an
+edge that remains is reported.
 
 Writes one JSON per corpus x variant (--output, with {corpus} and {variant} filled in) and, with
 matplotlib installed, its plot (the same path with .png).
@@ -230,8 +232,8 @@ def parse_args(argv=None):
                    help="builtin: the --corpus corpus (made if missing); config: the configs' data keys")
     p.add_argument("--corpus", choices=sorted(SOURCES), default="stdlib",
                    help="built-in corpus: " + "; ".join(f"{s.name}: {s.description}" for s in SOURCES.values()))
-    p.add_argument("--vocab-size", type=int, help=f"the built-in corpus's tokenizer vocabulary (default {DEFAULT_VOCAB} "
-                                                   f"when the tool makes it)")
+    p.add_argument("--vocab-size", type=int,
+                   help=f"the built-in corpus's tokenizer vocabulary (default {DEFAULT_VOCAB} when the tool makes it)")
     p.add_argument("--corpus-dir", help="where the built-in corpus is (default data/bench/<corpus>-<vocab>)")
     p.add_argument("--split", default="949,50,1", help="train,valid,test weights for the built-in corpus")
     p.add_argument("--regime", default="as configured (see the config files)", help="regime note for --data config")

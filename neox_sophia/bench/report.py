@@ -191,7 +191,8 @@ def summary_table(results: Sequence[dict]) -> str:
         st = r.get("stability") or {k: stability(r["runs"][k]) for k in ("adamw", "sophia")}  # older files
         count = {k: f"{st[k]['diverged']}/{st[k]['grid_points']}" for k in ("adamw", "sophia")}
         corpus = r["corpus"].get("source") or r["corpus"]["name"]
-        rows.append(f"| {corpus} | {(r.get('variant') or {}).get('name', 'paper')} | {r['train_iters']} | {a['lr']:g} | "
+        variant = (r.get('variant') or {}).get('name', 'paper')
+        rows.append(f"| {corpus} | {variant} | {r['train_iters']} | {a['lr']:g} | "
                     f"{_num(final_loss(a))} | {s['lr']:g} | {s.get('rho', 0):g} | {_num(final_loss(s))} | "
                     f"{_num(r['steps_to_adamw_final_loss_ratio'], '.2f')} | "
                     f"{_num(r.get('adamw_steps_to_sophia_final_loss_ratio'), '.2f')} | {count['adamw']} | "

@@ -359,7 +359,8 @@ IGNORABLE = {
     # kernel fusions and memory/performance switches (no effect on the numbers)
     'layernorm_fusion': 'kernel fusions and memory/performance switches (no effect on the numbers)',
     'rmsnorm_fusion': 'kernel fusions and memory/performance switches (no effect on the numbers)',
-    'scaled_upper_triang_masked_softmax_fusion': 'kernel fusions and memory/performance switches (no effect on the numbers)',
+    'scaled_upper_triang_masked_softmax_fusion':
+        'kernel fusions and memory/performance switches (no effect on the numbers)',
     'scaled_masked_softmax_fusion': 'kernel fusions and memory/performance switches (no effect on the numbers)',
     'bias_dropout_fusion': 'kernel fusions and memory/performance switches (no effect on the numbers)',
     'rope_fusion': 'kernel fusions and memory/performance switches (no effect on the numbers)',

@@ -5,7 +5,7 @@ NeoX's except where a comment says why not.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 from neox_sophia.config.base import ConfigError, check
 
@@ -101,7 +101,7 @@ class EngineConfig:
         return int((self.zero_optimization or {}).get("stage", 0))
 
     def validate(self, pipeline: bool) -> None:
-        self.resolved_precision  # raises on conflicts
+        self.resolved_precision  # noqa: B018 (the property raises on conflicts)
         check(self.zero_stage in (0, 1, 2), "zero_optimization",
               f"stage {self.zero_stage} is not supported; use 0, 1 or 2 (ZeRO-1/2 shard Sophia's "
               f"hessian with the rest of the optimizer state)")
@@ -146,7 +146,7 @@ class OptimizerConfig:
         return cached[1]
 
     def validate(self) -> None:
-        self.parsed
+        self.parsed  # noqa: B018 (the property parses the block and raises on bad input)
         check(self.weight_decay >= 0, "weight_decay", f"must be >= 0 (got {self.weight_decay})")
 
 

@@ -53,7 +53,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     to_neox.add_argument("--model-parallel-size", type=int, metavar="T",
                          help="NeoX's TP size to write (default: the run's)")
     to_neox.add_argument("--pipe-parallel-size", type=int, metavar="P",
-                         help="NeoX's pipe_parallel_size: 0 writes mp_rank files, >= 1 layer files (default: the run's)")
+                         help="NeoX's pipe_parallel_size: 0 writes mp_rank files, >= 1 layer files "
+                              "(default: the run's)")
     to_neox.add_argument("--vocab-size", type=int, metavar="V",
                          help="the tokenizer's size, needed when T is not a multiple of the run's TP")
     for name, source, help_text in (("from-hf", "HF_DIR", "a Hugging Face GPTNeoX/Llama/Mistral model"),

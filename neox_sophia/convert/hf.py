@@ -125,7 +125,7 @@ def _check_config_agrees(hf: dict, arch: HFArchitecture, model: ModelConfig, pad
         setting = "None, i.e. 4 x hidden_size" if setting is None and neox_key == "intermediate_size" else repr(setting)
         line = f"{key}: HF {theirs!r}, ours {mine!r} (from {neox_key}: {setting})"
         if key in arch.warn_only:
-            warnings.warn(f"{where}: {line}; {arch.warn_only[key]}")
+            warnings.warn(f"{where}: {line}; {arch.warn_only[key]}", stacklevel=1)
         else:
             problems.append(line)
     if hf["vocab_size"] > padded_vocab_size:

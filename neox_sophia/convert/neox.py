@@ -75,7 +75,8 @@ def entries(model: ModelConfig) -> List[Entry]:
     for i in range(L):
         layer, p = i + 2, f"layers.{i}."
         for norm in ("input_layernorm", "post_attention_layernorm"):
-            out += [Entry(layer, f"{norm}.{theirs}", "replicated", (f"{p}{norm}.{mine}",)) for theirs, mine in norm_keys]
+            out += [Entry(layer, f"{norm}.{theirs}", "replicated", (f"{p}{norm}.{mine}",))
+                    for theirs, mine in norm_keys]
         linears = [("attention.query_key_value", "qkv", "qkv", ("attention.query_key_value",),
                     model.use_bias_in_attn_linear),
                    ("attention.dense", "row", "row_bias", ("attention.dense",), model.use_bias_in_attn_linear)]
@@ -158,7 +159,8 @@ def merge(entry: Entry, ranks: List[torch.Tensor], model: ModelConfig) -> Dict[s
     return {entry.ours[0]: full}
 
 
-def neox_ranks(weights: Dict[str, torch.Tensor], model: ModelConfig, tp: int) -> List[Dict[int, Dict[str, torch.Tensor]]]:
+def neox_ranks(weights: Dict[str, torch.Tensor], model: ModelConfig, tp: int
+               ) -> List[Dict[int, Dict[str, torch.Tensor]]]:
     """Our full weights as NeoX's: per TP rank, per layer index, {key: tensor} (fp32, contiguous)."""
     ranks: List[Dict[int, Dict[str, torch.Tensor]]] = [{} for _ in range(tp)]
     for entry in entries(model):
@@ -187,7 +189,8 @@ def from_neox_ranks(ranks: List[Dict[int, Dict[str, torch.Tensor]]], model: Mode
         try:
             weights.update(merge(entry, [r[entry.layer][entry.key] for r in ranks], model))
         except RuntimeError as e:  # shapes that do not split or concatenate as the config says
-            raise CheckpointError(f"{where}: layer {entry.layer} {entry.key} does not fit the model config ({e})") from e
+            raise CheckpointError(f"{where}: layer {entry.layer} {entry.key} does not fit the model config "
+                                  f"({e})") from e
     from neox_sophia.model.gpt_neox import parameter_shapes
 
     shapes = parameter_shapes(model, weights["embed_in.weight"].shape[0])
@@ -268,7 +271,8 @@ def _module_ranks(tag_dir: str, names: List[str]) -> List[Dict[int, Dict[str, to
         for key, value in module.items():
             m = re.match(r"^sequential\.(\d+)\.(.+)$", key)
             if m is None:
-                raise CheckpointError(f"{os.path.join(tag_dir, f)}: parameter {key!r} is not a NeoX 'sequential.N.' name")
+                raise CheckpointError(f"{os.path.join(tag_dir, f)}: parameter {key!r} is not a NeoX "
+                                      f"'sequential.N.' name")
             rank.setdefault(int(m.group(1)), {})[m.group(2)] = value
         ranks.append(rank)
     return ranks

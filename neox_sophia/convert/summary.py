@@ -77,7 +77,8 @@ def _sophia_constants(cfg, layout: Dict[str, Any]) -> Tuple[Optional[float], Opt
 def _essentials(cfg, padded_vocab: Optional[int], parameters: int) -> Dict[str, Any]:
     m, t = cfg.model, cfg.training
     return {
-        "model": {"num_layers": m.num_layers, "hidden_size": m.hidden_size, "num_attention_heads": m.num_attention_heads,
+        "model": {"num_layers": m.num_layers, "hidden_size": m.hidden_size,
+                  "num_attention_heads": m.num_attention_heads,
                   "ffn_hidden_size": m.ffn_hidden_size, "seq_length": m.seq_length,
                   "max_position_embeddings": m.max_position_embeddings, "padded_vocab_size": padded_vocab,
                   "no_weight_tying": m.no_weight_tying, "gpt_j_residual": m.gpt_j_residual,
@@ -270,9 +271,11 @@ def render(summary: Dict[str, Any]) -> str:
     if lay:
         lines.append("layout: " + ", ".join(f"{k} {v}" for k, v in lay.items()))
     m = s["model"]
-    kv = f" ({m['kv_heads']} key/value)" if m.get("kv_heads", m["num_attention_heads"]) != m["num_attention_heads"] else ""
+    heads = m["num_attention_heads"]
+    kv = f" ({m['kv_heads']} key/value)" if m.get("kv_heads", heads) != heads else ""
     lines.append(f"model: {m['num_layers']} layers, hidden {m['hidden_size']}, {m['num_attention_heads']} heads{kv}, "
-                 f"{m.get('norm', 'layernorm')}, {m.get('activation', 'gelu')}, ffn {m['ffn_hidden_size']}, seq {m['seq_length']}, vocab {m['padded_vocab_size']} (padded), "
+                 f"{m.get('norm', 'layernorm')}, {m.get('activation', 'gelu')}, ffn {m['ffn_hidden_size']}, "
+                 f"seq {m['seq_length']}, vocab {m['padded_vocab_size']} (padded), "
                  f"{'untied' if m['no_weight_tying'] else 'tied'} embeddings, {m['parameters']:,} parameters")
     o = s["optimizer"]
     lines.append(f"optimizer: {o['type']} " + ", ".join(f"{k}={v}" for k, v in o["params"].items())

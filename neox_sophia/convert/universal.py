@@ -110,7 +110,8 @@ def read_meta(directory: str) -> Dict[str, Any]:
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path}: could not be read ({e}); consolidate the checkpoint again") from e
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: not a {FORMAT} checkpoint (format {meta.get('format') if isinstance(meta, dict) else None!r})")
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise CheckpointError(f"{path}: not a {FORMAT} checkpoint (format {found!r})")
     if meta.get("version") != VERSION:
         raise CheckpointError(f"{path}: version {meta.get('version')!r}; this neox-sophia reads version {VERSION}; "
                               f"use the neox-sophia release that wrote it, or consolidate the original again")

@@ -332,7 +332,7 @@ def build_tokenizer(
     files = {"vocab_file": vocab_file, "merge_file": merge_file}
     for key, path in files.items():
         if key not in cls.file_keys and path is not None:
-            warnings.warn(f"{key} is not used by {cls.name}; ignoring {os.fspath(path)!r}")
+            warnings.warn(f"{key} is not used by {cls.name}; ignoring {os.fspath(path)!r}", stacklevel=2)
     return cls(*(files[key] for key in cls.file_keys))
 
 

@@ -344,5 +344,6 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor 
 
 
 __all__ = ["Embedding", "TransformerLayer", "FinalNorm", "OutputLayer", "ParallelAttention",
-           "ParallelMLP", "ParallelGatedMLP", "RotaryEmbedding", "initialize_block", "mark_tensor_parallel", "lm_loss", "tied_output",
+           "ParallelMLP", "ParallelGatedMLP", "RotaryEmbedding", "initialize_block", "mark_tensor_parallel", "lm_loss",
+           "tied_output",
            "megatron_config", "tensor_parallel_dim", "TENSOR_PARALLEL_DIMS"]

@@ -2,9 +2,9 @@
 
 torch.distributed is initialized from the launcher's environment: RANK, WORLD_SIZE,
 MASTER_ADDR, MASTER_PORT (deepspeed, torchrun), or what mpirun (via mpi4py) and srun (SLURM_*)
-provide, translated into those names; as a single process when none is set. megatron-core's parallel_state is initialized with the
-same TP and PP sizes as DeepSpeed's PipeModelDataParallelTopology; both order ranks TP
-innermost, then DP, then PP, so their groups agree.
+provide, translated into those names; as a single process when none is set. megatron-core's
+parallel_state is initialized with the same TP and PP sizes as DeepSpeed's
+PipeModelDataParallelTopology; both order ranks TP innermost, then DP, then PP, so their groups agree.
 """
 from __future__ import annotations
 

@@ -21,7 +21,8 @@ from neox_sophia.training.checkpoint import LAYOUT, CheckpointError
 FORMATS = (ZERO, PLAIN, UNFUSED, BF16_OPTIMIZER)
 """Every optimizer-state format DeepSpeed writes for our runs; the first that matches a rank's model
 file reads it (layout.Format)."""
-CLIENT_KEYS = ("step", "scheduler", "nonfinite_steps", "data_position", "good_checkpoint", "run")  # Checkpointing.save's (training/components.py)
+# Checkpointing.save's (training/components.py)
+CLIENT_KEYS = ("step", "scheduler", "nonfinite_steps", "data_position", "good_checkpoint", "run")
 
 
 @dataclass
