@@ -189,7 +189,8 @@ class ModelConfig:
     def _validate_attention_config(self) -> None:
         if self.attention_config is None:
             return
-        layers = sum(self.num_layers if count == "all" else count * len(types) for types, count in self.attention_config)
+        layers = sum(self.num_layers if count == "all" else count * len(types)
+                     for types, count in self.attention_config)
         if layers != self.num_layers:
             raise ConfigError(f"attention_config: covers {layers} layers, the model has {self.num_layers}")
 

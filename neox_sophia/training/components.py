@@ -158,7 +158,7 @@ class Checkpointing:
         """Checkpoint ``step`` unless the weights or optimizer state hold a non-finite value (then
         say so and keep the checkpoints there are); return whether it was written."""
         bad = ckpt.nonfinite_tensor(run.engine.module, run.optimizer)
-        if not on_every_rank(bad is None, run.device):
+        if not on_every_rank(bad is None):
             where = f" ({bad})" if bad else ""
             message = (f"step {step}: no checkpoint written: the weights or optimizer state are not finite{where}; "
                        f"the checkpoints in {run.cfg.checkpoint.save} are kept")

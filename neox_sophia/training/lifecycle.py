@@ -126,7 +126,7 @@ class RankProcess:
         sys.stdout.flush()
         sys.stderr.flush()
         logging.shutdown()
-        os._exit(code)  # noqa: no shutdown that could wait on peers (see the module docstring)
+        os._exit(code)  # no shutdown that could wait on peers (see the module docstring)
 
     def _mark(self, message: str) -> None:
         if not self.log_dir:

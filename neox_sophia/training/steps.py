@@ -94,10 +94,10 @@ def all_finite(value: torch.Tensor) -> bool:
     return on_every_rank(torch.isfinite(value.detach()).all())
 
 
-def on_every_rank(ok, device: torch.device = torch.device("cpu")) -> bool:
-    """Whether ``ok`` (a bool tensor, reduced on its device, or a bool, on ``device``: NCCL needs
-    a CUDA one) holds on every rank."""
-    flag = for_collective((ok if torch.is_tensor(ok) else torch.tensor(ok, device=device)).to(torch.float32).reshape(1))
+def on_every_rank(ok) -> bool:
+    """Whether ``ok`` (a bool tensor or a bool) holds on every rank (reduced where the process
+    group can: for_collective)."""
+    flag = for_collective(torch.as_tensor(ok).to(torch.float32).reshape(1))
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item() == 1.0)
