@@ -22,8 +22,11 @@ from typing import Callable, Dict, Generator, List, Optional, Sequence, Tuple
 
 from neox_sophia.bench.curves import extension, final_loss, is_diverged, metric_curves
 from neox_sophia.bench.variants import Variant
+from neox_sophia.optim.factory import SophiaParams
 
-SOPHIA_DEFAULTS = {"betas": [0.965, 0.99], "eps": 1.0e-15, "hessian_interval": 10, "estimator": "gnb"}
+SOPHIA_DEFAULTS = {key: getattr(SophiaParams(), key) for key in ("betas", "eps", "hessian_interval", "estimator")}
+"""The paper's settings the benchmark's Sophia starts from when the config has no Sophia block:
+optimizer.params' own defaults (optim/factory.py, the one table)."""
 ADAMW_BETAS = [0.9, 0.95]
 
 
