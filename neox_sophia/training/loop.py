@@ -263,11 +263,14 @@ def resume_from_load(run: Run) -> tuple:
 
 def _clean_save_folder(save: Optional[str]) -> None:
     """What killed saves left in this run's own save folder goes, a line each (rank 0; all wait)."""
-    if save and dist.get_rank() == 0:
+    if not save:
+        return
+    group = dist.is_initialized() and dist.get_world_size() > 1
+    if not group or dist.get_rank() == 0:
         for path in ckpt.clean_leftovers(save):
             log.info("removed %s (left by a save that did not finish)", path)
             print(f"neox-sophia: removed {path} (left by a save that did not finish)", flush=True)
-    if dist.get_world_size() > 1:
+    if group:
         dist.barrier()
 
 
