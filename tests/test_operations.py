@@ -90,7 +90,7 @@ def test_a_failing_rank_stops_the_job_without_a_launcher(corpus, tmp_path):
     broken = truncated_copy(corpus, str(tmp_path / "broken"))
     port, began = free_port(), time.time()
     ranks = [start_rank(run_dir, 0, 2, port, sets), start_rank(run_dir, 1, 2, port, sets + [f"data_path={broken}"])]
-    codes = [proc.wait(timeout=180) for proc in ranks]
+    codes = [proc.wait(timeout=300) for proc in ranks]
     took = time.time() - began
     assert codes[0] != 0 and codes[1] == 2, codes
     err0, err1 = text(run_dir, "rank0.err"), text(run_dir, "rank1.err")
@@ -98,7 +98,7 @@ def test_a_failing_rank_stops_the_job_without_a_launcher(corpus, tmp_path):
     # rank 0, stuck in a collective with rank 1, fails at once and names the rank that failed first
     assert re.search(r"rank 0 stopped because rank 1 failed: data_path: .*truncated.*\(here: ", err0), err0[-3000:]
     assert "Traceback" in text(run_dir, "logs/rank_00001.log")
-    assert took < 90, took  # two process starts on a loaded 2-core machine; no collective timeout
+    assert took < 240, took  # two process starts on a loaded 2-core machine, not a collective timeout (30 min)
 
 
 def test_a_failing_rank_stops_the_job_under_the_deepspeed_launcher(corpus, tmp_path):
@@ -108,12 +108,12 @@ def test_a_failing_rank_stops_the_job_under_the_deepspeed_launcher(corpus, tmp_p
     os.makedirs(tmp_path / "logs" / "rank_00001.log")  # rank 1 cannot open its log; rank 0 can
     began = time.time()
     launched = cli(["launch", "--num-gpus", "2", "--master-port", str(free_port()), QUICKSTART, *as_args(sets)],
-                   timeout=180)
+                   timeout=300)
     took = time.time() - began
     assert launched.returncode != 0
     output = launched.stdout + launched.stderr
     assert "neox-sophia train: rank 1 failed: IsADirectoryError" in output, output[-3000:]
-    assert took < 90, took
+    assert took < 240, took  # not a collective timeout (30 min); measured 94 s at load average 18
 
 
 # --- wandb, TensorBoard, ETA: in process -------------------------------------------------------
