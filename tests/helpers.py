@@ -118,7 +118,7 @@ def layout_worker(rank, world_size, sets):
 def close(actual, expected, name, tolerance=1e-4):
     """Equal up to ``tolerance`` relative, with an absolute floor of that fraction of the largest entry."""
     floor = tolerance * float(expected.abs().max())
-    torch.testing.assert_close(actual, expected, rtol=tolerance, atol=max(floor, 1e-12), msg=name)
+    torch.testing.assert_close(actual, expected, rtol=tolerance, atol=max(floor, 1e-12), msg=lambda m: f"{name}: {m}")
 
 
 # --- tiny models (against Hugging Face and the converters) ---------------------------------------

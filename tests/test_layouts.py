@@ -154,9 +154,11 @@ def test_sophia_h_layout_trains_like_one_process(corpus, reference_h, tmp_path, 
     within 2e-5 of each tensor's largest entry. A coordinate whose h sits where the clip starts
     to bind takes a step of a different length (|m| / (rho*h) moves with h), so up to 62 of the
     165,632 weights differ by more than 1e-4 of their tensor's largest entry and 15 by more than
-    1e-3, at most 5.9e-4 (0.3 x the peak lr) in absolute terms. Checked: losses and norms at
-    1e-5, exp_avg at 1e-4 and h at 1e-3 of the largest entry; weights: at most 1 in 1000 beyond
-    1e-3 of the largest entry, and none by more than the peak lr."""
+    1e-3, at most 5.9e-4 (0.3 x the peak lr) in absolute terms; the next gradients follow, so a
+    few exp_avg entries move too (after the sample stream changed: 1 entry in 3 of the layouts
+    beyond 1e-4 of its tensor's largest entry, at most 1.3e-4). Checked: losses and norms at 1e-5,
+    h at 1e-3 of the largest entry; exp_avg and weights: at most 1 in 1000 beyond 1e-4 (exp_avg)
+    or 1e-3 (weights) of the largest entry, none beyond 1e-3 (exp_avg) or the peak lr (weights)."""
     world, extra = LAYOUTS[layout]
     out = run_ranks(layout_worker, world, args=(overrides(corpus, str(tmp_path), **COMMON, **SOPHIA_H, **extra),))
     assert out[0]["hessian_updates"] == 4
@@ -167,10 +169,13 @@ def test_sophia_h_layout_trains_like_one_process(corpus, reference_h, tmp_path, 
     weights = {name: w for rank in out for name, w in rank["weights"].items()}
     state = {name: s for rank in out for name, s in rank["state"].items()}
     assert set(state) == set(reference_h["state"]) == set(weights)
-    off_by_more, total = 0, 0
+    off_by_more, total, momenta_off = 0, 0, 0
     for name, expected in reference_h["state"].items():
         assert expected["hessian"].abs().max() > 0, name
-        close(state[name]["exp_avg"], expected["exp_avg"], f"{name}.exp_avg")
+        largest = float(expected["exp_avg"].abs().max())
+        momentum_diff = (state[name]["exp_avg"] - expected["exp_avg"]).abs()
+        assert float(momentum_diff.max()) <= 1e-3 * largest, f"{name}.exp_avg"
+        momenta_off += int((momentum_diff > 1e-4 * largest).sum())
         close(state[name]["hessian"], expected["hessian"], f"{name}.hessian", tolerance=1e-3)
         reference_weights = reference_h["weights"][name]
         diff = (weights[name] - reference_weights).abs()
@@ -178,4 +183,5 @@ def test_sophia_h_layout_trains_like_one_process(corpus, reference_h, tmp_path, 
         off_by_more += int((diff > 1e-3 * reference_weights.abs().max()).sum())
         total += diff.numel()
     assert off_by_more <= 1e-3 * total, (off_by_more, total)
+    assert momenta_off <= 1e-3 * total, (momenta_off, total)
 

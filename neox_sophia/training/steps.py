@@ -209,7 +209,6 @@ def plain_hutchinson_step(engine, client_optimizer, batches: List[MicroBatch],
     theta again, bit for bit, before the engine steps (the ZeRO fp32 master partition is never
     touched). Returns the mean loss of the two passes (the loss at theta, to O(e^2))."""
     engine.train()
-    rescale = engine.gradient_accumulation_steps() / len(batches)
     losses = []
     try:
         with gradient_clipping_off(engine):
@@ -221,7 +220,7 @@ def plain_hutchinson_step(engine, client_optimizer, batches: List[MicroBatch],
                     for batch in batches:
                         engine.set_gradient_accumulation_boundary(sign < 0 and batch is batches[-1])
                         loss = lm_loss(engine(batch.tokens), batch.labels, batch.loss_mask)
-                        engine.backward(loss * rescale)
+                        engine.backward(loss * batch.weight)  # the mean over exactly H sequences (hessian_batches)
                         losses.append(loss.detach())
             with redirected_step(engine, client_optimizer, lambda: client_optimizer.update_hessian(square=False)):
                 engine.step()
