@@ -186,6 +186,35 @@ def test_adamw_reuse_is_checked_and_the_summary_table(tmp_path):
     assert rows[3].endswith("| embedding 0.02, mlp 0.35 |")
 
 
+def test_merge_joins_grid_points_of_one_grid_and_recomputes_the_best(tmp_path):
+    fingerprint = {"config": {"train_iters": 20}, "corpus": {"source": "gcide"}}
+    base, base_path = _result(tmp_path, "sophia_h", fingerprint)
+    extra = dict(base, adamw_from="elsewhere.json", command="the rho edge by hand")  # its AdamW is another file's
+    extra["runs"] = {"adamw": base["runs"]["adamw"],
+                     "sophia": [{"lr": 1e-3, "rho": 0.05, "curve": _curve([6.1, 4.7]), "diverged": False,
+                                 "train_seconds": 1.0}]}
+    extra_path = str(tmp_path / "extra.json")
+    report.write_json(extra, extra_path)
+    merged = report.merge_files([base_path, extra_path])
+    assert [(p["lr"], p["rho"]) for p in merged["runs"]["sophia"]] == [(1e-3, 0.1), (2e-3, 0.1), (1e-3, 0.05)]
+    assert len(merged["runs"]["adamw"]) == 1 and merged["stability"]["sophia"]["grid_points"] == 3
+    assert merged["best"]["sophia"]["best"]["rho"] == 0.05 and merged["final_val_loss"]["sophia"] == 4.7
+    assert merged["best"]["sophia"]["at_edge"]["rho"] == "lower"
+    assert [m["command"] for m in merged["merged_from"]] == [None, "the rho edge by hand"]
+    with pytest.raises(ValueError, match="repeats the adamw point lr 0.004; merge each point once"):
+        report.merge_files([base_path, base_path])
+    _, other = _result(tmp_path, "paper", fingerprint)
+    with pytest.raises(ValueError, match=r"paper.json differs from .*sophia_h.json in variant"):
+        report.merge_files([base_path, other])
+    out = tmp_path / "merged.json"
+    done = subprocess.run([sys.executable, TOOL, "--merge", base_path, extra_path, "--output", str(out), "--plot",
+                           "none"], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0 and json.loads(out.read_text())["final_val_loss"]["sophia"] == 4.7, done.stderr
+    refused = subprocess.run([sys.executable, TOOL, "--merge", base_path, extra_path], capture_output=True,
+                             text=True, cwd=ROOT)
+    assert refused.returncode == 2 and "name a new result file with --output" in refused.stderr
+
+
 def test_plot_has_loss_and_per_group_panels(tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
     import matplotlib.pyplot as plt

@@ -238,16 +238,21 @@ def parse_args(argv=None):
     p.add_argument("--split", default="949,50,1", help="train,valid,test weights for the built-in corpus")
     p.add_argument("--regime", default="as configured (see the config files)", help="regime note for --data config")
     p.add_argument("--label", default="default", help="a label stored in the JSON (e.g. short)")
-    p.add_argument("--output", default=str(ROOT / "benchmarks" / "convergence.json"),
-                   help="result JSON; {corpus} and {variant} are filled in (needed with several variants)")
+    p.add_argument("--output", help="result JSON (default benchmarks/convergence.json; required with --merge); "
+                                    "{corpus} and {variant} are filled in (needed with several variants)")
     p.add_argument("--plot", default=None, help="PNG path (default: the JSON's path with .png); 'none' to skip")
     p.add_argument("--replot", metavar="JSON", help="recompute the comparison and the plot of an earlier "
                                                     "result file (no training); writes it back, and its PNG")
+    p.add_argument("--merge", nargs="+", metavar="JSON", help="one result (--output) from files of the same "
+                                                             "corpus, config and variant: their grid points together")
     p.add_argument("--summarize", nargs="+", metavar="JSON", help="print one markdown table over result files")
     p.add_argument("--markdown", metavar="OUT", help="with --summarize: also write the table here")
     p.add_argument("--estimate", type=int, nargs="?", const=10, default=None, metavar="STEPS",
                    help="only time STEPS steps (default 10) of each optimizer and project the grid's time")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.output is None and not args.merge:
+        args.output = str(ROOT / "benchmarks" / "convergence.json")
+    return args
 
 
 def replot(path: str, png: Optional[str]) -> int:
@@ -259,6 +264,22 @@ def replot(path: str, png: Optional[str]) -> int:
     png = png or str(Path(path).with_suffix(".png"))
     wrote = png != "none" and plot(result, png)
     print(f"bench_convergence: rewrote {path}" + (f" and {png}" if wrote else ""))
+    return 0
+
+
+def merge(paths: List[str], path: str, png: Optional[str]) -> int:
+    from neox_sophia.bench.plots import plot
+
+    if path is None or os.path.abspath(path) in {os.path.abspath(p) for p in paths}:
+        raise UsageError("--merge: name a new result file with --output (the merged files stay as they are)")
+    try:
+        result = report.merge_files(paths)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    report.write_json(result, path)
+    png = png or str(Path(path).with_suffix(".png"))
+    wrote = png != "none" and plot(result, png)
+    report.print_summary(result, path, png if wrote else None)
     return 0
 
 
@@ -336,6 +357,8 @@ def main(argv=None) -> int:
             except ValueError as err:
                 raise UsageError(str(err)) from None
             return 0
+        if args.merge:
+            return merge(args.merge, args.output, args.plot)
         if args.replot:
             return replot(args.replot, args.plot)
         variants = check_args(args)

@@ -127,6 +127,51 @@ def result_of(context: dict, adamw: List[dict], variant: dict, sophia: List[dict
     }
 
 
+def read_results(paths: Sequence[str], option: str) -> List[dict]:
+    """The result files ``paths``; ValueError naming ``option`` and the file that cannot be read."""
+    results = []
+    for path in paths:
+        try:
+            results.append(json.loads(Path(path).read_text("utf-8")))
+        except (OSError, ValueError) as err:
+            raise ValueError(f"{option}: cannot read {path} ({err})") from None
+    return results
+
+
+RESULT_KEYS = ("benchmark", "variant", "runs", "best", "final_val_loss", "steps_to_adamw_final_loss_ratio",
+               "seconds_to_adamw_final_loss_ratio", "sophia_reaches_adamw_final",
+               "adamw_steps_to_sophia_final_loss_ratio", "adamw_reaches_sophia_final", "stability",
+               "train_seconds", "notes")
+"""What result_of computes from the grid points; the rest of a result file is its context."""
+
+
+def merge_files(paths: Sequence[str]) -> dict:
+    """One result from several of the same corpus, config and variant (grid points added by hand,
+    e.g. the edge rule along rho): the first file's context, every file's Sophia points, and the
+    AdamW points of every file that trained its own (a file made with --adamw-from adds none: its
+    AdamW grid belongs to the file it came from). ValueError naming the file that does not fit."""
+    results = read_results(paths, "--merge")
+    base = results[0]
+    points: Dict[str, List[dict]] = {"adamw": [], "sophia": []}
+    for path, result in zip(paths, results):
+        for key in ("adamw_fingerprint", "variant"):
+            if result.get(key) != base.get(key):
+                raise ValueError(f"--merge: {path} differs from {paths[0]} in {key}; only points of the same "
+                                 f"corpus, config and variant make one grid")
+        for name in ("adamw", "sophia"):
+            if name == "adamw" and result.get("adamw_from") and result is not base:
+                continue
+            for point in result["runs"][name]:
+                if any(p["lr"] == point["lr"] and p.get("rho") == point.get("rho") for p in points[name]):
+                    raise ValueError(f"--merge: {path} repeats the {name} point lr {point['lr']:g}"
+                                     + (f" rho {point['rho']:g}" if "rho" in point else "") + "; merge each point once")
+                points[name].append(point)
+    context = {k: v for k, v in base.items() if k not in RESULT_KEYS}
+    context["merged_from"] = [{"file": path, "command": r.get("command"), "adamw_from": r.get("adamw_from")}
+                              for path, r in zip(paths, results)]
+    return result_of(context, points["adamw"], base["variant"], points["sophia"])
+
+
 def write_json(result: dict, path: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
@@ -201,13 +246,7 @@ def summary_table(results: Sequence[dict]) -> str:
 
 
 def summarize_files(paths: Sequence[str], markdown: Optional[str]) -> str:
-    results = []
-    for path in paths:
-        try:
-            results.append(json.loads(Path(path).read_text("utf-8")))
-        except (OSError, ValueError) as err:
-            raise ValueError(f"--summarize: cannot read {path} ({err})") from None
-    table = summary_table(results)
+    table = summary_table(read_results(paths, "--summarize"))
     if markdown:
         os.makedirs(os.path.dirname(os.path.abspath(markdown)), exist_ok=True)
         Path(markdown).write_text(table, "utf-8")
