@@ -255,31 +255,32 @@ def parse_args(argv=None):
     return args
 
 
-def replot(path: str, png: Optional[str]) -> int:
+def write_result(result: dict, path: str, png: Optional[str]) -> Optional[str]:
+    """The result JSON at ``path`` and its plot at ``png`` (default: the JSON's path with .png;
+    'none': no plot); the PNG's path if one was written."""
     from neox_sophia.bench.plots import plot
 
-    result = json.loads(Path(path).read_text("utf-8"))
-    result.update(comparison(result["best"]["adamw"]["best"], result["best"]["sophia"]["best"]))
     report.write_json(result, path)
     png = png or str(Path(path).with_suffix(".png"))
-    wrote = png != "none" and plot(result, png)
-    print(f"bench_convergence: rewrote {path}" + (f" and {png}" if wrote else ""))
+    return png if png != "none" and plot(result, png) else None
+
+
+def replot(path: str, png: Optional[str]) -> int:
+    result = json.loads(Path(path).read_text("utf-8"))
+    result.update(comparison(result["best"]["adamw"]["best"], result["best"]["sophia"]["best"]))
+    wrote = write_result(result, path, png)
+    print(f"bench_convergence: rewrote {path}" + (f" and {wrote}" if wrote else ""))
     return 0
 
 
 def merge(paths: List[str], path: str, png: Optional[str]) -> int:
-    from neox_sophia.bench.plots import plot
-
     if path is None or os.path.abspath(path) in {os.path.abspath(p) for p in paths}:
         raise UsageError("--merge: name a new result file with --output (the merged files stay as they are)")
     try:
         result = report.merge_files(paths)
     except ValueError as err:
         raise UsageError(str(err)) from None
-    report.write_json(result, path)
-    png = png or str(Path(path).with_suffix(".png"))
-    wrote = png != "none" and plot(result, png)
-    report.print_summary(result, path, png if wrote else None)
+    report.print_summary(result, path, write_result(result, path, png))
     return 0
 
 
@@ -332,8 +333,6 @@ def run_benchmark(args, variants) -> int:
         runner.close()
     if rank() != 0:
         return 0
-    from neox_sophia.bench.plots import plot
-
     context = {**bench.context(runner.description, started, args.adamw_from),
                "threads_per_run": runner.threads}
     corpus = bench.corpus["corpus"] if bench.corpus else "config"
@@ -341,10 +340,8 @@ def run_benchmark(args, variants) -> int:
         record = variant.record(min(adamw, key=report.final_loss)["lr"] if variant.needs_adamw else None)
         result = report.result_of(context, adamw, record, found[variant.name])
         path = output_path(args.output, corpus, variant.name)
-        report.write_json(result, path)
-        png = args.plot or str(Path(path).with_suffix(".png"))
-        wrote = png != "none" and plot(result, output_path(png, corpus, variant.name))
-        report.print_summary(result, path, output_path(png, corpus, variant.name) if wrote else None)
+        png = output_path(args.plot, corpus, variant.name) if args.plot else None
+        report.print_summary(result, path, write_result(result, path, png))
     return 0
 
 

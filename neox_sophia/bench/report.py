@@ -138,13 +138,6 @@ def read_results(paths: Sequence[str], option: str) -> List[dict]:
     return results
 
 
-RESULT_KEYS = ("benchmark", "variant", "runs", "best", "final_val_loss", "steps_to_adamw_final_loss_ratio",
-               "seconds_to_adamw_final_loss_ratio", "sophia_reaches_adamw_final",
-               "adamw_steps_to_sophia_final_loss_ratio", "adamw_reaches_sophia_final", "stability",
-               "train_seconds", "notes")
-"""What result_of computes from the grid points; the rest of a result file is its context."""
-
-
 def merge_files(paths: Sequence[str]) -> dict:
     """One result from several of the same corpus, config and variant (grid points added by hand,
     e.g. the edge rule along rho): the first file's context, every file's Sophia points, and the
@@ -166,10 +159,10 @@ def merge_files(paths: Sequence[str]) -> dict:
                     raise ValueError(f"--merge: {path} repeats the {name} point lr {point['lr']:g}"
                                      + (f" rho {point['rho']:g}" if "rho" in point else "") + "; merge each point once")
                 points[name].append(point)
-    context = {k: v for k, v in base.items() if k not in RESULT_KEYS}
-    context["merged_from"] = [{"file": path, "command": r.get("command"), "adamw_from": r.get("adamw_from")}
-                              for path, r in zip(paths, results)]
-    return result_of(context, points["adamw"], base["variant"], points["sophia"])
+    merged_from = [{"file": path, "command": r.get("command"), "adamw_from": r.get("adamw_from")}
+                   for path, r in zip(paths, results)]
+    # the first file as context: result_of writes every key it computes after the context's
+    return result_of({**base, "merged_from": merged_from}, points["adamw"], base["variant"], points["sophia"])
 
 
 def write_json(result: dict, path: str) -> None:
