@@ -20,6 +20,10 @@ QUICKSTART = os.path.join(ROOT, "configs", "quickstart.yml")
 # --- a quick-start run on the tiny corpus (the `corpus` fixture) ------------------------------
 
 
+PEAK_LR = 2.0e-3
+"""optimizer.params.lr of overrides()."""
+
+
 def overrides(corpus, run_dir, **extra):
     """--set values for a short quick-start run on ``corpus``, saving and logging under ``run_dir``."""
     # 4 sequences per step as 2 micro-batches of 2; the Hessian batch is 2 sequences (half), set
@@ -28,7 +32,7 @@ def overrides(corpus, run_dir, **extra):
               "max_position_embeddings": 32, "train_micro_batch_size_per_gpu": 2,
               "gradient_accumulation_steps": 2, "train_iters": 12,
               "lr_decay_iters": 12, "log_interval": 1, "eval_interval": 6, "eval_iters": 2,
-              "optimizer.params.hessian_interval": 3, "optimizer.params.lr": 2.0e-3,
+              "optimizer.params.hessian_interval": 3, "optimizer.params.lr": PEAK_LR,
               "optimizer.params.hessian_batch_size": 2,
               "save": os.path.join(run_dir, "ckpt"), "load": os.path.join(run_dir, "ckpt"),
               "checkpoint_factor": 100, "log_dir": os.path.join(run_dir, "logs")}
@@ -113,6 +117,14 @@ def layout_worker(rank, world_size, sets):
             "weights": full_state_dict(run.engine.module),
             "state": optimizer_state_by_name(run.engine, run.optimizer),
             "offloaded": getattr(run.engine.optimizer, "cpu_offload", False)}  # ZeRO's offload path
+
+
+def count_off(actual, expected, name, most, beyond):
+    """Entries of |actual - expected| above ``beyond`` x the largest |expected|, and the entry
+    count, after checking that no entry differs by more than ``most`` (absolute)."""
+    diff = (actual - expected).abs()
+    assert float(diff.max()) <= most, name
+    return int((diff > beyond * float(expected.abs().max())).sum()), diff.numel()
 
 
 def close(actual, expected, name, tolerance=1e-4):
