@@ -312,6 +312,14 @@ def test_broken_checkpoints_raise_checkpoint_errors_naming_the_file(trained, tmp
         f.truncate(1000)
     with pytest.raises(CheckpointError, match="model.safetensors: could not be read"):
         load_universal(str(universal))
+    (universal / "config.yml").write_text("{a: [1,")  # damaged: one line naming it, from reading and inspect alike
+    for read in (load_universal, summarize):
+        with pytest.raises(CheckpointError, match=r"config.yml could not be read \(ParserError: .*consolidate the "
+                                                  r"checkpoint again"):
+            read(str(universal))
+    (universal / "meta.json").write_text('{"format": ')
+    with pytest.raises(CheckpointError, match=r"meta.json could not be read \(JSONDecodeError: "):
+        load_universal(str(universal))
 
 
 # ------------------------------------------------------------------ the CLI: convert, inspect, load_for_inference

@@ -193,15 +193,14 @@ def _summarize_save_dir(path: str, step: Optional[int], statistics: bool) -> Dic
 
 
 def _summarize_universal(path: str, statistics: bool) -> Dict[str, Any]:
-    import yaml
     from safetensors import safe_open
 
     from neox_sophia.convert.reader import neox_config
-    from neox_sophia.convert.universal import MODEL_FILE, OPTIMIZER_FILE, SEP, read_meta
+    from neox_sophia.convert.universal import (AGAIN, CONFIG_FILE, MODEL_FILE, OPTIMIZER_FILE, SEP, read_config,
+                                               read_meta)
 
     meta = read_meta(path)
-    with open(os.path.join(path, "config.yml")) as f:
-        cfg = neox_config(yaml.safe_load(f) or {}, os.path.join(path, "config.yml"))
+    cfg = neox_config(read_config(path), os.path.join(path, CONFIG_FILE))
     tensors = []
     try:
         with safe_open(os.path.join(path, MODEL_FILE), framework="pt") as f:
@@ -214,7 +213,7 @@ def _summarize_universal(path: str, statistics: bool) -> Dict[str, Any]:
                                 "numel": math.prod(shape)})
     except Exception as e:
         raise CheckpointError(f"{os.path.join(path, MODEL_FILE)}: could not be read ({type(e).__name__}: {e}); "
-                              f"consolidate the checkpoint again") from e
+                              f"{AGAIN}") from e
     order = {name: i for i, name in enumerate(meta.get("parameters") or [])}
     tensors.sort(key=lambda r: (order.get(r["name"], len(order)), r["name"]))
     client = meta.get("client_state") or {}

@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 
 from neox_sophia.convert.output import write_directory
 from neox_sophia.convert.reader import FullCheckpoint
-from neox_sophia.training.checkpoint import UNIVERSAL_META, CheckpointError, read_file
+from neox_sophia.training.checkpoint import UNIVERSAL_META, CheckpointError, read_config_file, read_file
 
 FORMAT = "neox-sophia-universal"
 VERSION = 1
@@ -35,6 +35,7 @@ MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 CONFIG_FILE = "config.yml"
 SEP = "/"  # "<name>/<state key>": global names contain dots, never slashes
+AGAIN = "consolidate the checkpoint again"
 
 
 def _jsonable(value: Any, where: str) -> Any:
@@ -104,11 +105,7 @@ def read_meta(directory: str) -> Dict[str, Any]:
     if not os.path.isfile(path):
         raise CheckpointError(f"{directory}: not a universal checkpoint (no {UNIVERSAL_META}); write one with "
                               f"`neox-sophia convert consolidate`")
-    try:
-        with open(path) as f:
-            meta = json.load(f)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: could not be read ({e}); consolidate the checkpoint again") from e
+    meta = read_file(path, json.load, fix=AGAIN)
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         found = meta.get("format") if isinstance(meta, dict) else None
         raise CheckpointError(f"{path}: not a {FORMAT} checkpoint (format {found!r})")
@@ -116,6 +113,14 @@ def read_meta(directory: str) -> Dict[str, Any]:
         raise CheckpointError(f"{path}: version {meta.get('version')!r}; this neox-sophia reads version {VERSION}; "
                               f"use the neox-sophia release that wrote it, or consolidate the original again")
     return meta
+
+
+def read_config(directory: str) -> Dict[str, Any]:
+    """The config values of a universal checkpoint (CheckpointError when missing or damaged)."""
+    path = os.path.join(directory, CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: missing; the universal checkpoint is incomplete, consolidate it again")
+    return read_config_file(path, fix=AGAIN)
 
 
 def _load_tensors(path: str) -> Dict[str, torch.Tensor]:
@@ -129,16 +134,13 @@ def _load_tensors(path: str) -> Dict[str, torch.Tensor]:
         return out
     except Exception as e:  # safetensors raises its own error types on a damaged file
         raise CheckpointError(f"{path}: could not be read ({type(e).__name__}: {e}); the file is truncated or "
-                              f"damaged, consolidate the checkpoint again") from e
+                              f"damaged, {AGAIN}") from e
 
 
 def load_universal(directory: str) -> FullCheckpoint:
     """The FullCheckpoint a universal checkpoint holds (CheckpointError when it is damaged)."""
     meta = read_meta(directory)
-    config_path = os.path.join(directory, CONFIG_FILE)
-    if not os.path.isfile(config_path):
-        raise CheckpointError(f"{config_path}: missing; the universal checkpoint is incomplete, consolidate it again")
-    config = read_file(config_path, yaml.safe_load, fix="consolidate the checkpoint again") or {}
+    config = read_config(directory)
     weights = _load_tensors(os.path.join(directory, MODEL_FILE))
     order = [n for n in meta.get("parameters") or [] if n in weights]
     weights = {name: weights[name] for name in order + sorted(set(weights) - set(order))}
@@ -147,7 +149,7 @@ def load_universal(directory: str) -> FullCheckpoint:
         name, _, state_key = key.rpartition(SEP)
         if not name or name not in weights:
             raise CheckpointError(f"{os.path.join(directory, OPTIMIZER_FILE)}: '{key}' names no parameter of "
-                                  f"{MODEL_FILE}; consolidate the checkpoint again")
+                                  f"{MODEL_FILE}; {AGAIN}")
         optimizer.setdefault(name, {})[state_key] = value
     optimizer = {name: optimizer[name] for name in weights if name in optimizer}
     return FullCheckpoint(config=config, step=int(meta["step"]), tag=meta.get("tag") or "", layout=meta.get(
@@ -155,7 +157,8 @@ def load_universal(directory: str) -> FullCheckpoint:
         param_groups=(meta.get("optimizer") or {}).get("param_groups") or [])
 
 
-__all__ = ["save_universal", "load_universal", "read_meta", "FORMAT", "VERSION", "MODEL_FILE", "OPTIMIZER_FILE"]
+__all__ = ["save_universal", "load_universal", "read_meta", "read_config", "FORMAT", "VERSION", "MODEL_FILE",
+           "OPTIMIZER_FILE"]
 
 
 def read_any(path: str, step=None, optimizer_state: bool = True) -> FullCheckpoint:

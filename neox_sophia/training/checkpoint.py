@@ -284,8 +284,10 @@ def newest_complete_tag(directory: str) -> Optional[str]:
     return tags[-1][1] if tags else None
 
 
-def read_file(path: str, reader: Callable[[Any], Any], binary: bool = False,
-              fix: str = "move it out of the way to resume from the one before, or restore the file") -> Any:
+RESUME_FIX = "move it out of the way to resume from the one before, or restore the file"
+
+
+def read_file(path: str, reader: Callable[[Any], Any], binary: bool = False, fix: str = RESUME_FIX) -> Any:
     """``reader`` applied to the open file ``path`` of a checkpoint; any failure is a
     CheckpointError naming the file and ``fix``."""
     try:
@@ -304,13 +306,19 @@ def saved_layout(directory: str, tag: str) -> Optional[Dict[str, Any]]:
     return read_file(path, json.load) if os.path.isfile(path) else None
 
 
+def read_config_file(path: str, fix: str = RESUME_FIX) -> Dict[str, Any]:
+    """The config values a checkpoint saved at ``path`` (its config.yml); CheckpointError naming
+    the file and ``fix`` when it cannot be read or is not a mapping of config keys."""
+    values = read_file(path, yaml.safe_load, fix=fix)
+    if not isinstance(values, dict):
+        raise CheckpointError(f"load: {path} is not a mapping of config keys; {fix}")
+    return values
+
+
 def saved_config(directory: str, tag: str) -> Dict[str, Any]:
     """The merged config values checkpoint ``tag`` was saved with ({} if it has no config.yml)."""
     path = os.path.join(directory, tag, "config.yml")
-    values = read_file(path, yaml.safe_load) if os.path.isfile(path) else {}
-    if not isinstance(values, dict):
-        raise CheckpointError(f"load: {path} is not a mapping of config keys; restore the file")
-    return values
+    return read_config_file(path) if os.path.isfile(path) else {}
 
 
 def is_universal(directory: str) -> bool:

@@ -6,9 +6,9 @@ import re
 from typing import Any, Dict, Optional
 
 import torch
-import yaml
 
-from neox_sophia.training.checkpoint import MARKER, CheckpointError, complete_tags, newest_complete_tag, tag_for
+from neox_sophia.training.checkpoint import (MARKER, CheckpointError, complete_tags, newest_complete_tag,
+                                             read_config_file, tag_for)
 
 
 def _safe_classes() -> list:
@@ -93,14 +93,7 @@ def read_config(path: str) -> Dict[str, Any]:
     if not os.path.isfile(file):
         raise CheckpointError(f"{file}: missing; the trainer writes it with every checkpoint and the reader "
                               f"needs it to know the model and the layout")
-    try:
-        with open(file) as f:
-            values = yaml.safe_load(f)
-    except yaml.YAMLError as e:
-        raise CheckpointError(f"{file}: not valid YAML ({e})") from e
-    if not isinstance(values, dict):
-        raise CheckpointError(f"{file}: expected a mapping of config keys")
-    return values
+    return read_config_file(file, fix="restore config.yml, or read another step (--step N)")
 
 
 def neox_config(values: Dict[str, Any], where: str):
