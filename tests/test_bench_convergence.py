@@ -215,6 +215,43 @@ def test_merge_joins_grid_points_of_one_grid_and_recomputes_the_best(tmp_path):
     assert refused.returncode == 2 and "name a new result file with --output" in refused.stderr
 
 
+def _seed_result(tmp_path, seed, adamw_losses, sophia_losses, *more_sophia, variant="paper"):
+    point = {"diverged": False, "train_seconds": 1.0}
+    adamw = [{"lr": 4e-3, "curve": _curve(adamw_losses), **point}]
+    sophia = [{"lr": 1e-3, "rho": 0.1, "curve": _curve(losses), **point} for losses in (sophia_losses, *more_sophia)]
+    context = {"corpus": {"name": "x", "source": "gcide"}, "model": {"parameters": 1e5}, "tokens_per_step": 1024,
+               "train_iters": 40, "adamw_fingerprint": {"config": {"seed": seed}, "corpus": {"source": "gcide"}}}
+    for i, p in enumerate(sophia[1:]):  # the worse grid points of a tuned seed
+        p["lr"] = 2e-3 * (i + 1)
+    path = str(tmp_path / f"{variant}-{seed}-{len(sophia)}.json")
+    report.write_json(report.result_of(context, adamw, variants.VARIANTS[variant].record(), sophia), path)
+    return path
+
+
+def test_seeds_pair_each_sophia_run_with_its_own_seeds_adamw(tmp_path):
+    files = [_seed_result(tmp_path, 1, [6, 5, 4, 3], [5, 4, 3, 2.5]),            # AdamW's 3 at step 30: 0.75
+             _seed_result(tmp_path, 2, [6, 5, 4, 3.5], [6, 3.5, 3, 3]),          # 3.5 at step 20: 0.5
+             _seed_result(tmp_path, 3, [6, 5, 4, 3], [6, 5, 4, 2.9], [6, 6, 6, 6]),  # tuned here: 1.0
+             _seed_result(tmp_path, 1, [6, 5, 4, 3], [5, 4, 3, 2.5], variant="sophia_h")]  # one seed: left out
+    (row,) = report.over_seeds(files)
+    assert (row["corpus"], row["variant"], row["adamw_lr"], row["sophia_lr"], row["rho"]) == ("gcide", "paper",
+                                                                                            4e-3, 1e-3, 0.1)
+    assert [(p["seed"], p["tuned_here"], p["steps_to_adamw_final_loss_ratio"]) for p in row["seeds"]] == [
+        (1, False, 0.75), (2, False, 0.5), (3, True, 1.0)]
+    assert row["mean_steps_ratio"] == pytest.approx(0.75) and row["worst_steps_ratio"] == 1.0
+    # the seed-mean curves: AdamW ends at 3.1667, Sophia's mean (.., 3.33, 2.8) first reaches it at step 40
+    assert row["seed_mean_curves"]["steps_to_adamw_final_loss_ratio"] == 1.0 and row["sophia_lower_at_end"] == 3
+    table = report.seeds_files(files, str(tmp_path / "md" / "seeds.md")).splitlines()
+    assert table[2] == ("| gcide | paper | 0.004 | 0.001 | 0.1 | 3 | 1: 0.750, 2: 0.500, 3*: 1.000 | 0.750 | 1.000 | "
+                        "1.000 | 3/3 |") and (tmp_path / "md" / "seeds.md").exists()
+    again = _seed_result(tmp_path, 2, [6, 5, 4, 3.4], [6, 3.5, 3, 3], [7, 7, 7, 7])  # seed 2 once more
+    with pytest.raises(ValueError, match=r"paper-2-2.json and .*paper-2-1.json are both seed 2 of gcide paper"):
+        report.over_seeds([*files, again])
+    done = subprocess.run([sys.executable, TOOL, "--seeds", files[0], files[3]], capture_output=True, text=True,
+                          cwd=ROOT)
+    assert done.returncode == 2 and "no setting is in these files at two or more seeds" in done.stderr
+
+
 def test_plot_has_loss_and_per_group_panels(tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
     import matplotlib.pyplot as plt

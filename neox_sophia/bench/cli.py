@@ -11,6 +11,7 @@ validation-loss curves of the best of each, per-group Sophia statistics and stab
     python tools/bench_convergence.py ... --variant split,hessian_floor \\
         --adamw-from benchmarks/long/gcide-paper.json                 # variants against the same AdamW
     python tools/bench_convergence.py --summarize benchmarks/long/*.json --markdown benchmarks/long/summary.md
+    python tools/bench_convergence.py --seeds A-seed1234.json A-seed1235.json ...  # one setting over seeds
     python tools/bench_convergence.py --estimate                     # time a few steps, project the total
     deepspeed --num_gpus 2 tools/bench_convergence.py CONFIG...       # under a launcher (layout from CONFIG)
 
@@ -21,7 +22,9 @@ overrides (neox_sophia.bench.variants); min_lr = 0.05 x lr for both. Data: a bui
 
 Every evaluation uses the same held-out sequences (the trainer's first validation pass: eval_iters
 batches of train_batch_size sequences, as NeoX counts them), so the curves are smooth and
-comparable; seconds are training seconds (evaluations excluded). The best point of each optimizer
+comparable within one seed (which sequences they are depends on the seed: across seeds only
+same-seed pairs compare, which is what --seeds reports); seconds are training seconds
+(evaluations excluded). The best point of each optimizer
 is its grid run with the lowest final validation loss. A best lr at an edge of its grid is extended
 by one more lr beyond that edge (--extend-edges), the same rule for every optimizer and variant; an
 edge that remains is reported.
@@ -246,7 +249,9 @@ def parse_args(argv=None):
     p.add_argument("--merge", nargs="+", metavar="JSON", help="one result (--output) from files of the same "
                                                              "corpus, config and variant: their grid points together")
     p.add_argument("--summarize", nargs="+", metavar="JSON", help="print one markdown table over result files")
-    p.add_argument("--markdown", metavar="OUT", help="with --summarize: also write the table here")
+    p.add_argument("--seeds", nargs="+", metavar="JSON", help="one table of each setting found at several seeds: "
+                                                             "each seed's steps ratio against its own AdamW")
+    p.add_argument("--markdown", metavar="OUT", help="with --summarize or --seeds: also write the table here")
     p.add_argument("--estimate", type=int, nargs="?", const=10, default=None, metavar="STEPS",
                    help="only time STEPS steps (default 10) of each optimizer and project the grid's time")
     args = p.parse_args(argv)
@@ -301,8 +306,8 @@ def check_args(args) -> list:
         raise UsageError(f"--jobs {args.jobs} / --threads {args.threads}: must be at least 1")
     if args.jobs > 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UsageError("--jobs: runs in worker processes of one rank; under a launcher use --jobs 1")
-    if args.markdown and not args.summarize:
-        raise UsageError("--markdown: only with --summarize FILES")
+    if args.markdown and not (args.summarize or args.seeds):
+        raise UsageError("--markdown: only with --summarize FILES or --seeds FILES")
     return variants
 
 
@@ -348,9 +353,10 @@ def run_benchmark(args, variants) -> int:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        if args.summarize:
+        if args.summarize or args.seeds:
             try:
-                print(report.summarize_files(args.summarize, args.markdown), end="")
+                print(report.summarize_files(args.summarize, args.markdown) if args.summarize
+                      else report.seeds_files(args.seeds, args.markdown), end="")
             except ValueError as err:
                 raise UsageError(str(err)) from None
             return 0

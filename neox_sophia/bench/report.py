@@ -1,6 +1,6 @@
 """The benchmark's result: one JSON per corpus x variant (AdamW's grid, the variant's Sophia grid,
 the best of each, the headline ratios, stability), reuse of an earlier AdamW grid
-(--adamw-from), and the markdown table over result files (--summarize)."""
+(--adamw-from), and the markdown tables over result files (--summarize, --seeds)."""
 from __future__ import annotations
 
 import json
@@ -238,9 +238,99 @@ def summary_table(results: Sequence[dict]) -> str:
     return "\n".join(rows) + "\n"
 
 
-def summarize_files(paths: Sequence[str], markdown: Optional[str]) -> str:
-    table = summary_table(read_results(paths, "--summarize"))
-    if markdown:
-        os.makedirs(os.path.dirname(os.path.abspath(markdown)), exist_ok=True)
-        Path(markdown).write_text(table, "utf-8")
+def write_markdown(table: str, path: Optional[str]) -> str:
+    """The table, also written to ``path`` when one is given (--markdown)."""
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        Path(path).write_text(table, "utf-8")
     return table
+
+
+def summarize_files(paths: Sequence[str], markdown: Optional[str]) -> str:
+    return write_markdown(summary_table(read_results(paths, "--summarize")), markdown)
+
+
+# ---------------------------------------------------------------------------------------------
+# --seeds: one setting at several seeds, each Sophia run against the AdamW run of its own seed
+
+def seed_of(result: dict):
+    """The seed a result file trained with (its config's, recorded in the AdamW fingerprint)."""
+    return (result.get("adamw_fingerprint") or {}).get("config", {}).get("seed")
+
+
+def mean_curve(curves: Sequence[dict]) -> Optional[dict]:
+    """The step-wise mean of curves evaluated at the same steps (None where any is not finite);
+    None when their steps differ."""
+    steps = curves[0]["step"]
+    if any(c["step"] != steps for c in curves):
+        return None
+
+    def mean(key: str) -> list:
+        columns = zip(*(c[key] for c in curves))
+        return [None if any(v is None or not math.isfinite(v) for v in col) else sum(col) / len(col)
+                for col in columns]
+    return {"step": list(steps), "seconds": mean("seconds"), "val_loss": mean("val_loss")}
+
+
+def over_seeds(paths: Sequence[str]) -> List[dict]:
+    """Result files grouped by corpus, variant and both best settings (AdamW lr, Sophia lr and
+    rho), each group over its seeds: per seed, the steps Sophia takes to reach the same seed's
+    AdamW final loss (the validation sequences depend on the seed, so only same-seed pairs
+    compare), and the same ratio on the seed-mean curves. Groups of one seed are left out.
+    ValueError when one group holds a seed twice (two sample orders of one seed: pass one)."""
+    groups: Dict[tuple, Dict[object, tuple]] = {}
+    for path, r in zip(paths, read_results(paths, "--seeds")):
+        a, s = r["best"]["adamw"]["best"], r["best"]["sophia"]["best"]
+        key = (r["corpus"].get("source") or r["corpus"]["name"], (r.get("variant") or {}).get("name", "paper"),
+               a["lr"], s["lr"], s.get("rho"))
+        seed = seed_of(r)
+        if seed in groups.get(key, {}):
+            raise ValueError(f"--seeds: {path} and {groups[key][seed][0]} are both seed {seed} of {key[0]} "
+                             f"{key[1]} (AdamW lr {key[2]:g}, Sophia lr {key[3]:g} rho {key[4]:g}); pass one")
+        groups.setdefault(key, {})[seed] = (path, r, a, s)
+    rows = []
+    for (corpus, variant, a_lr, s_lr, rho), by_seed in groups.items():
+        if len(by_seed) < 2:
+            continue
+        seeds = sorted(by_seed)
+        per_seed = []
+        for seed in seeds:
+            path, r, a, s = by_seed[seed]
+            per_seed.append({"seed": seed, "file": path, "tuned_here": len(r["runs"]["sophia"]) > 1,
+                             "adamw_final": final_loss(a), "sophia_final": final_loss(s),
+                             **{k: v for k, v in comparison(a, s).items() if k.endswith("ratio")}})
+        ratios = [p["steps_to_adamw_final_loss_ratio"] for p in per_seed]
+        mean_a = mean_curve([by_seed[k][2]["curve"] for k in seeds])
+        mean_s = mean_curve([by_seed[k][3]["curve"] for k in seeds])
+        rows.append({"corpus": corpus, "variant": variant, "adamw_lr": a_lr, "sophia_lr": s_lr, "rho": rho,
+                     "seeds": per_seed,
+                     "mean_steps_ratio": None if None in ratios else sum(ratios) / len(ratios),
+                     "worst_steps_ratio": None if None in ratios else max(ratios),
+                     "sophia_lower_at_end": sum(p["sophia_final"] < p["adamw_final"] for p in per_seed),
+                     "seed_mean_curves": comparison({"curve": mean_a}, {"curve": mean_s})
+                     if mean_a and mean_s else None})
+    return rows
+
+
+def seed_table(rows: Sequence[dict]) -> str:
+    header = ("| corpus | variant | AdamW lr | Sophia lr | rho | seeds | steps to AdamW's final, per seed "
+              "(ratio) | mean | worst | on the seed-mean curves | Sophia ends lower |")
+    lines = [header, "|" + "---|" * 11]
+    for row in rows:
+        per_seed = ", ".join(f"{p['seed']}{'*' if p['tuned_here'] else ''}: "
+                             f"{_num(p['steps_to_adamw_final_loss_ratio'], '.3f')}" for p in row["seeds"])
+        curves = row["seed_mean_curves"]
+        lines.append(f"| {row['corpus']} | {row['variant']} | {row['adamw_lr']:g} | {row['sophia_lr']:g} | "
+                     f"{row['rho']:g} | {len(row['seeds'])} | {per_seed} | {_num(row['mean_steps_ratio'], '.3f')} | "
+                     f"{_num(row['worst_steps_ratio'], '.3f')} | "
+                     f"{_num(curves and curves['steps_to_adamw_final_loss_ratio'], '.3f')} | "
+                     f"{row['sophia_lower_at_end']}/{len(row['seeds'])} |")
+    return "\n".join(lines) + "\n\n\\* the seed whose grid chose the setting (the others are held out)\n"
+
+
+def seeds_files(paths: Sequence[str], markdown: Optional[str]) -> str:
+    rows = over_seeds(paths)
+    if not rows:
+        raise ValueError("--seeds: no setting is in these files at two or more seeds (files group by corpus, "
+                         "variant, AdamW lr, Sophia lr and rho)")
+    return write_markdown(seed_table(rows), markdown)
