@@ -268,6 +268,14 @@ def test_plot_has_loss_and_per_group_panels(tmp_path, monkeypatch):
     assert [line.get_label() for line in loss.lines[:2]] == ["AdamW lr 0.004", "Sophia (paper) lr 0.001 rho 0.1"]
     assert [line.get_label() for line in win.lines] == ["embedding", "mlp"]
     assert list(zero.lines[0].get_ydata()) == [0.5, 0.4]
+    figures.clear()  # --seeds: Sophia minus the same seed's AdamW, one line per seed and their mean
+    rows = report.over_seeds([_seed_result(tmp_path, 1, [6, 5, 4, 3], [5, 4, 3, 2.5]),
+                              _seed_result(tmp_path, 2, [6, 5, 4, 3.5], [6, 3.5, 3, 3])])
+    assert plots.plot_seeds(rows, str(tmp_path / "s.png")) and (tmp_path / "s.png").stat().st_size > 10_000
+    (ax,) = figures[0].axes
+    assert [line.get_label() for line in ax.lines[:3]] == ["seed 1: ratio 0.750", "seed 2: ratio 0.500",
+                                                           "mean over seeds"]
+    assert list(ax.lines[2].get_ydata()) == [-0.5, -1.25, -1.0, -0.5]
 
 
 # ---------------------------------------------------------------------------------------------

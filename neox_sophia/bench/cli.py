@@ -250,7 +250,8 @@ def parse_args(argv=None):
                                                              "corpus, config and variant: their grid points together")
     p.add_argument("--summarize", nargs="+", metavar="JSON", help="print one markdown table over result files")
     p.add_argument("--seeds", nargs="+", metavar="JSON", help="one table of each setting found at several seeds: "
-                                                             "each seed's steps ratio against its own AdamW")
+                                                             "each seed's steps ratio against its own AdamW "
+                                                             "(with --plot PNG: each seed's lead over the steps)")
     p.add_argument("--markdown", metavar="OUT", help="with --summarize or --seeds: also write the table here")
     p.add_argument("--estimate", type=int, nargs="?", const=10, default=None, metavar="STEPS",
                    help="only time STEPS steps (default 10) of each optimizer and project the grid's time")
@@ -356,7 +357,7 @@ def main(argv=None) -> int:
         if args.summarize or args.seeds:
             try:
                 print(report.summarize_files(args.summarize, args.markdown) if args.summarize
-                      else report.seeds_files(args.seeds, args.markdown), end="")
+                      else report.seeds_files(args.seeds, args.markdown, args.plot), end="")
             except ValueError as err:
                 raise UsageError(str(err)) from None
             return 0

@@ -1,7 +1,7 @@
 """The figure of one result: validation loss of the best AdamW and the best Sophia against step
 and against training seconds; below, the best Sophia run's win rate per parameter group and its
 share of coordinates with h == 0 per group, over the steps (the trainer's per-group statistics;
-the global win rate when the run has none)."""
+the global win rate when the run has none). And the figure of --seeds: Sophia's lead per seed."""
 from __future__ import annotations
 
 import os
@@ -10,6 +10,27 @@ import sys
 from neox_sophia.bench.report import ROLES
 
 PLOT_INSTALL = "pip install matplotlib   # or: pip install -e '.[bench]'"
+
+
+def _pyplot(path: str):
+    """matplotlib.pyplot (Agg), or None with one line on how to install it."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"bench_convergence: matplotlib is not installed; not writing {path}. Install it with:\n"
+              f"  {PLOT_INSTALL}", file=sys.stderr)
+        return None
+    return plt
+
+
+def _save(plt, fig, path: str) -> None:
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _labels(result: dict, name: str, best: dict) -> str:
@@ -69,21 +90,46 @@ def _group_panels(best: dict, win_ax, zero_ax) -> None:
 
 
 def plot(result: dict, path: str) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print(f"bench_convergence: matplotlib is not installed; not writing {path}. Install it with:\n"
-              f"  {PLOT_INSTALL}", file=sys.stderr)
+    plt = _pyplot(path)
+    if plt is None:
         return False
     fig, ((by_step, by_time), (win_ax, zero_ax)) = plt.subplots(2, 2, figsize=(11, 8))
     _loss_panels(result, by_step, by_time)
     _group_panels(result["best"]["sophia"]["best"], win_ax, zero_ax)
     fig.suptitle(_headline(result), fontsize=10)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
+    return True
+
+
+def plot_seeds(rows: list, path: str) -> bool:
+    """One panel per setting of --seeds: Sophia's validation loss minus AdamW's of the same seed,
+    over the steps, one line per seed and their mean (below 0: Sophia is ahead)."""
+    plt = _pyplot(path)
+    if plt is None:
+        return False
+    fig, axes = plt.subplots(len(rows), 1, figsize=(9, 3.2 * len(rows)), squeeze=False)
+    for ax, row in zip(axes[:, 0], rows):
+        gaps = []
+        for seed in row["seeds"]:
+            a, s = seed["curves"]["adamw"], seed["curves"]["sophia"]
+            if a["step"] != s["step"]:
+                continue
+            gap = [None if x is None or y is None else y - x for x, y in zip(a["val_loss"], s["val_loss"])]
+            gaps.append(gap)
+            ax.plot(a["step"], gap, lw=1, alpha=0.7,
+                    label=f"seed {seed['seed']}{' (chose the setting)' if seed['tuned_here'] else ''}: "
+                          f"ratio {seed['steps_to_adamw_final_loss_ratio'] or float('nan'):.3f}")
+        if gaps:
+            steps = row["seeds"][0]["curves"]["adamw"]["step"]
+            mean = [None if None in col else sum(col) / len(col) for col in zip(*gaps)]
+            ax.plot(steps, mean, color="black", lw=2, label="mean over seeds")
+        ax.axhline(0, color="gray", lw=0.8, ls="--")
+        ax.set_ylim(-0.25, 0.25)
+        ax.set_title(f"{row['corpus']}: Sophia ({row['variant']}) lr {row['sophia_lr']:g} rho {row['rho']:g} "
+                     f"vs AdamW lr {row['adamw_lr']:g}", fontsize=9)
+        ax.set_xlabel("step")
+        ax.set_ylabel("Sophia - AdamW val loss")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    _save(plt, fig, path)
     return True

@@ -298,7 +298,8 @@ def over_seeds(paths: Sequence[str]) -> List[dict]:
             path, r, a, s = by_seed[seed]
             per_seed.append({"seed": seed, "file": path, "tuned_here": len(r["runs"]["sophia"]) > 1,
                              "adamw_final": final_loss(a), "sophia_final": final_loss(s),
-                             **{k: v for k, v in comparison(a, s).items() if k.endswith("ratio")}})
+                             **{k: v for k, v in comparison(a, s).items() if k.endswith("ratio")},
+                             "curves": {"adamw": a["curve"], "sophia": s["curve"]}})
         ratios = [p["steps_to_adamw_final_loss_ratio"] for p in per_seed]
         mean_a = mean_curve([by_seed[k][2]["curve"] for k in seeds])
         mean_s = mean_curve([by_seed[k][3]["curve"] for k in seeds])
@@ -328,9 +329,14 @@ def seed_table(rows: Sequence[dict]) -> str:
     return "\n".join(lines) + "\n\n\\* the seed whose grid chose the setting (the others are held out)\n"
 
 
-def seeds_files(paths: Sequence[str], markdown: Optional[str]) -> str:
+def seeds_files(paths: Sequence[str], markdown: Optional[str], png: Optional[str] = None) -> str:
+    """The --seeds table (also written to ``markdown``) and, with ``png``, its figure."""
     rows = over_seeds(paths)
     if not rows:
         raise ValueError("--seeds: no setting is in these files at two or more seeds (files group by corpus, "
                          "variant, AdamW lr, Sophia lr and rho)")
+    if png and png != "none":
+        from neox_sophia.bench.plots import plot_seeds
+
+        plot_seeds(rows, png)
     return write_markdown(seed_table(rows), markdown)
