@@ -244,6 +244,12 @@ def test_seeds_pair_each_sophia_run_with_its_own_seeds_adamw(tmp_path):
     table = report.seeds_files(files, str(tmp_path / "md" / "seeds.md")).splitlines()
     assert table[2] == ("| gcide | paper | 0.004 | 0.001 | 0.1 | 3 | 1: 0.750, 2: 0.500, 3*: 1.000 | 0.750 | 1.000 | "
                         "1.000 | 3/3 |") and (tmp_path / "md" / "seeds.md").exists()
+    never = _seed_result(tmp_path, 4, [6, 5, 4, 3], [6, 5, 4, 3.1])  # a seed where Sophia ends above AdamW
+    (row,) = report.over_seeds([*files[:2], never])
+    assert row["mean_steps_ratio"] is None and row["worst_steps_ratio"] is None
+    assert report.seed_table([row]).splitlines()[2] == (
+        "| gcide | paper | 0.004 | 0.001 | 0.1 | 3 | 1: 0.750, 2: 0.500, 4: never | n/a (a seed never) | never | "
+        "1.000 | 2/3 |")
     again = _seed_result(tmp_path, 2, [6, 5, 4, 3.4], [6, 3.5, 3, 3], [7, 7, 7, 7])  # seed 2 once more
     with pytest.raises(ValueError, match=r"paper-2-2.json and .*paper-2-1.json are both seed 2 of gcide paper"):
         report.over_seeds([*files, again])

@@ -203,8 +203,8 @@ def print_summary(result: dict, path: str, png: Optional[str]) -> None:
 ROLES = ("embedding", "output", "attention", "mlp", "norms_biases")
 
 
-def _num(value, fmt: str = ".4f") -> str:
-    return "n/a" if value is None or (isinstance(value, float) and not math.isfinite(value)) else format(value, fmt)
+def _num(value, fmt: str = ".4f", missing: str = "n/a") -> str:
+    return missing if value is None or (isinstance(value, float) and not math.isfinite(value)) else format(value, fmt)
 
 
 def end_win_rates(point: dict) -> str:
@@ -319,12 +319,13 @@ def seed_table(rows: Sequence[dict]) -> str:
     lines = [header, "|" + "---|" * 11]
     for row in rows:
         per_seed = ", ".join(f"{p['seed']}{'*' if p['tuned_here'] else ''}: "
-                             f"{_num(p['steps_to_adamw_final_loss_ratio'], '.3f')}" for p in row["seeds"])
+                             f"{_num(p['steps_to_adamw_final_loss_ratio'], '.3f', 'never')}" for p in row["seeds"])
         curves = row["seed_mean_curves"]
         lines.append(f"| {row['corpus']} | {row['variant']} | {row['adamw_lr']:g} | {row['sophia_lr']:g} | "
-                     f"{row['rho']:g} | {len(row['seeds'])} | {per_seed} | {_num(row['mean_steps_ratio'], '.3f')} | "
-                     f"{_num(row['worst_steps_ratio'], '.3f')} | "
-                     f"{_num(curves and curves['steps_to_adamw_final_loss_ratio'], '.3f')} | "
+                     f"{row['rho']:g} | {len(row['seeds'])} | {per_seed} | "
+                     f"{_num(row['mean_steps_ratio'], '.3f', 'n/a (a seed never)')} | "
+                     f"{_num(row['worst_steps_ratio'], '.3f', 'never')} | "
+                     f"{_num(curves and curves['steps_to_adamw_final_loss_ratio'], '.3f', 'never')} | "
                      f"{row['sophia_lower_at_end']}/{len(row['seeds'])} |")
     return "\n".join(lines) + "\n\n\\* the seed whose grid chose the setting (the others are held out)\n"
 
