@@ -130,7 +130,7 @@ class FakeRunner:
 
 def test_searches_run_in_rounds_and_a_split_variant_waits_for_adamw():
     args = SimpleNamespace(adamw_lr="2e-3,4e-3", sophia_lr="1e-3,2e-3", sophia_rho="0.1,0.2", extend_edges=1,
-                           adamw_wd=0.1, sophia_wd=0.2, min_lr_ratio=0.05)
+                           adamw_wd=0.1, sophia_wd=0.2, min_lr_ratio=0.05, sophia_steps=None)
     runner = FakeRunner()
     chosen = variants.parse_variants(["paper,split"])
     adamw, found = runs.search_all(runner, args, dict(runs.SOPHIA_DEFAULTS), chosen, None)
@@ -148,6 +148,13 @@ def test_searches_run_in_rounds_and_a_split_variant_waits_for_adamw():
     runner = FakeRunner()
     runs.search_all(runner, args, dict(runs.SOPHIA_DEFAULTS), chosen[1:], adamw)
     assert all(p[0] == "sophia" for r in runner.rounds for p in r) and len(runner.rounds[0]) == 4
+    assert not any("train_iters" in o for r in runner.rounds for p in r for o in p[4])
+    # --sophia-steps: Sophia's points on their own schedule, AdamW's on the config's
+    runner, args.sophia_steps = FakeRunner(), 8
+    runs.search_all(runner, args, dict(runs.SOPHIA_DEFAULTS), chosen[:1], None)
+    points = [p for r in runner.rounds for p in r]
+    assert all({"train_iters=8", "lr_decay_iters=8"} <= set(p[4]) for p in points if p[0] == "sophia")
+    assert not any("train_iters=8" in p[4] for p in points if p[0] == "adamw")
 
 
 def _result(tmp_path, name, fingerprint, groups=None):
@@ -400,3 +407,24 @@ def test_a_variant_against_an_earlier_adamw_grid_and_the_summary(tiny):
                              capture_output=True, text=True, timeout=120, cwd=ROOT)
     rows = summary.stdout.splitlines()
     assert summary.returncode == 0 and [r.split(" | ")[1] for r in rows[2:]] == ["paper", "beta1_0.9"]
+
+
+@pytest.mark.distributed
+def test_sophia_on_its_own_shorter_schedule(tiny):
+    """--sophia-steps (the paper's protocol): Sophia trains 2 of the 4 steps on a schedule of its
+    own, its first 2 steps' data are AdamW's (the sample stream is a function of the step alone),
+    and it is measured against AdamW's full run."""
+    out = tiny.dir / "short.json"
+    _bench(tiny.corpus, out, "--sophia-steps", "2", "--adamw-from", str(tiny.out), "--plot", "none")
+    result = json.loads(out.read_text())
+    assert result["sophia_train_iters"] == 2 and result["train_iters"] == 4
+    assert all(p["curve"]["step"] == [2] for p in result["runs"]["sophia"])
+    assert result["best"]["adamw"]["best"]["curve"]["step"] == [2, 4]  # AdamW's full run, reused
+    a, s = result["best"]["adamw"]["best"], result["best"]["sophia"]["best"]
+    reached = s["curve"]["val_loss"][-1] <= a["curve"]["val_loss"][-1]
+    assert result["steps_to_adamw_final_loss_ratio"] == (0.5 if reached else None)
+    assert report.variant_label(result) == "paper (2 steps)"
+    full = tiny.result["runs"]["sophia"][0]  # the same point on the full schedule differs from step 1
+    assert full["curve"]["val_loss"][0] != result["runs"]["sophia"][0]["curve"]["val_loss"][0]
+    refused = _bench(tiny.corpus, tiny.dir / "y.json", "--sophia-steps", "3", expect=2)
+    assert "--sophia-steps 3: must be a multiple of eval_interval (2)" in refused.stderr

@@ -86,6 +86,10 @@ class Bench:
             raise UsageError(f"train_iters ({t.train_iters}) must be a multiple of eval_interval "
                              f"({log.eval_interval}) and eval_iters ({log.eval_iters}) at least 1, so that the "
                              f"last step is evaluated")
+        steps = args.sophia_steps
+        if steps is not None and not (0 < steps <= t.train_iters and steps % log.eval_interval == 0):
+            raise UsageError(f"--sophia-steps {steps}: must be a multiple of eval_interval ({log.eval_interval}) "
+                             f"and at most train_iters ({t.train_iters}), so that Sophia's last step is evaluated")
         params = self.base.optimizer.params  # the config's Sophia block, else the paper's values
         self.sophia_params = {k: getattr(params, k, v) if self.base.optimizer.type == "sophia" else v
                               for k, v in SOPHIA_DEFAULTS.items()}
@@ -154,6 +158,7 @@ class Bench:
             "configs": a.configs, "overrides": self.common,
             "model": model, "layout": description["layout"],
             "tokens_per_step": description["tokens_per_step"], "train_iters": base.training.train_iters,
+            "sophia_train_iters": a.sophia_steps or base.training.train_iters,
             "tokens_per_run": description["tokens_per_step"] * base.training.train_iters,
             "schedule": {"warmup_iters": int(round((base.training.warmup or 0) * base.training.decay_iters)),
                          "style": base.training.lr_decay_style, "decay_iters": base.training.decay_iters,
@@ -211,6 +216,10 @@ def parse_args(argv=None):
                         "configs/bench_long.yml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], help="key=value, as for `neox-sophia train`")
     p.add_argument("--steps", type=int, help="train_iters (and lr_decay_iters) for every run")
+    p.add_argument("--sophia-steps", type=int, metavar="N",
+                   help="Sophia's runs train N steps on their own schedule (train_iters and lr_decay_iters N, "
+                        "the same warmup fraction) against AdamW's full --steps: the paper's protocol, where "
+                        "Sophia at N steps is compared with AdamW at more")
     p.add_argument("--eval-interval", type=int, help="evaluate every N steps (default: the config's)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="cpu hides any GPU; cuda requires one (default: cuda when present)")

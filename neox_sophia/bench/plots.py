@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import sys
 
-from neox_sophia.bench.report import ROLES
+from neox_sophia.bench.report import ROLES, variant_label
 
 PLOT_INSTALL = "pip install matplotlib   # or: pip install -e '.[bench]'"
 
@@ -36,8 +36,7 @@ def _save(plt, fig, path: str) -> None:
 def _labels(result: dict, name: str, best: dict) -> str:
     if name == "adamw":
         return f"AdamW lr {best['lr']:g}"
-    variant = (result.get("variant") or {}).get("name", "paper")
-    return f"Sophia ({variant}) lr {best['lr']:g} rho {best['rho']:g}"
+    return f"Sophia ({variant_label(result)}) lr {best['lr']:g} rho {best['rho']:g}"
 
 
 def _headline(result: dict) -> str:
@@ -116,9 +115,10 @@ def plot_seeds(rows: list, path: str) -> bool:
                 continue
             gap = [None if x is None or y is None else y - x for x, y in zip(a["val_loss"], s["val_loss"])]
             gaps.append(gap)
+            ratio = seed["steps_to_adamw_final_loss_ratio"]
             ax.plot(a["step"], gap, lw=1, alpha=0.7,
                     label=f"seed {seed['seed']}{' (chose the setting)' if seed['tuned_here'] else ''}: "
-                          f"ratio {seed['steps_to_adamw_final_loss_ratio'] or float('nan'):.3f}")
+                          + (f"ratio {ratio:.3f}" if ratio is not None else "never reaches AdamW's final"))
         if gaps:
             steps = row["seeds"][0]["curves"]["adamw"]["step"]
             mean = [None if None in col else sum(col) / len(col) for col in zip(*gaps)]

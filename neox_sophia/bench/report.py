@@ -127,6 +127,13 @@ def result_of(context: dict, adamw: List[dict], variant: dict, sophia: List[dict
     }
 
 
+def variant_label(result: dict) -> str:
+    """The variant's name, with Sophia's schedule when it is its own (--sophia-steps)."""
+    name = (result.get("variant") or {}).get("name", "paper")
+    steps = result.get("sophia_train_iters", result.get("train_iters"))
+    return name if steps == result.get("train_iters") else f"{name} ({steps} steps)"
+
+
 def read_results(paths: Sequence[str], option: str) -> List[dict]:
     """The result files ``paths``; ValueError naming ``option`` and the file that cannot be read."""
     results = []
@@ -147,10 +154,10 @@ def merge_files(paths: Sequence[str]) -> dict:
     base = results[0]
     points: Dict[str, List[dict]] = {"adamw": [], "sophia": []}
     for path, result in zip(paths, results):
-        for key in ("adamw_fingerprint", "variant"):
+        for key in ("adamw_fingerprint", "variant", "sophia_train_iters"):
             if result.get(key) != base.get(key):
                 raise ValueError(f"--merge: {path} differs from {paths[0]} in {key}; only points of the same "
-                                 f"corpus, config and variant make one grid")
+                                 f"corpus, config, variant and Sophia schedule make one grid")
         for name in ("adamw", "sophia"):
             if name == "adamw" and result.get("adamw_from") and result is not base:
                 continue
@@ -175,7 +182,7 @@ def write_json(result: dict, path: str) -> None:
 def print_summary(result: dict, path: str, png: Optional[str]) -> None:
     best_a, best_s = result["best"]["adamw"]["best"], result["best"]["sophia"]["best"]
     st = result.get("stability", {})
-    print(f"\nbench_convergence ({result['corpus']['name']}; variant {result.get('variant', {}).get('name', 'paper')}; "
+    print(f"\nbench_convergence ({result['corpus']['name']}; variant {variant_label(result)}; "
           f"{result['model']['parameters'] / 1e6:.2f}M params, {result['tokens_per_step']:,} tokens/step, "
           f"{result['train_iters']} steps)")
     for name, best in (("AdamW", best_a), ("Sophia", best_s)):
@@ -229,7 +236,7 @@ def summary_table(results: Sequence[dict]) -> str:
         st = r.get("stability") or {k: stability(r["runs"][k]) for k in ("adamw", "sophia")}  # older files
         count = {k: f"{st[k]['diverged']}/{st[k]['grid_points']}" for k in ("adamw", "sophia")}
         corpus = r["corpus"].get("source") or r["corpus"]["name"]
-        variant = (r.get('variant') or {}).get('name', 'paper')
+        variant = variant_label(r)
         rows.append(f"| {corpus} | {variant} | {r['train_iters']} | {a['lr']:g} | "
                     f"{_num(final_loss(a))} | {s['lr']:g} | {s.get('rho', 0):g} | {_num(final_loss(s))} | "
                     f"{_num(r['steps_to_adamw_final_loss_ratio'], '.2f')} | "
@@ -281,8 +288,7 @@ def over_seeds(paths: Sequence[str]) -> List[dict]:
     groups: Dict[tuple, Dict[object, tuple]] = {}
     for path, r in zip(paths, read_results(paths, "--seeds")):
         a, s = r["best"]["adamw"]["best"], r["best"]["sophia"]["best"]
-        key = (r["corpus"].get("source") or r["corpus"]["name"], (r.get("variant") or {}).get("name", "paper"),
-               a["lr"], s["lr"], s.get("rho"))
+        key = (r["corpus"].get("source") or r["corpus"]["name"], variant_label(r), a["lr"], s["lr"], s.get("rho"))
         seed = seed_of(r)
         if seed in groups.get(key, {}):
             raise ValueError(f"--seeds: {path} and {groups[key][seed][0]} are both seed {seed} of {key[0]} "

@@ -322,8 +322,12 @@ def search_all(runner: Runner, args, sophia_params: dict, variants: List[Variant
                                                                   args.min_lr_ratio))
         return Search("adamw", tune(floats(args.adamw_lr), [None], args.extend_edges), spec)
 
+    # --sophia-steps: Sophia on its own, shorter schedule (the paper's protocol), AdamW on the full one
+    own_schedule = [f"train_iters={args.sophia_steps}", f"lr_decay_iters={args.sophia_steps}"] \
+        if args.sophia_steps else []
+
     def sophia_search(variant: Variant, adamw_lr: Optional[float]) -> Search:
-        extra = variant.resolved(adamw_lr)
+        extra = [*variant.resolved(adamw_lr), *own_schedule]
 
         def spec(lr, rho):
             return PointSpec("sophia", lr, rho, point_overrides("sophia", lr, rho, sophia_params, args.sophia_wd,
