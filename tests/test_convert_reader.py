@@ -283,6 +283,16 @@ def test_broken_checkpoints_raise_checkpoint_errors_naming_the_file(trained, tmp
     with pytest.raises(CheckpointError, match=f"{states}: could not be read"):
         read_checkpoint(garbage)
 
+    for name, text, error in (("yaml", "{a: [1,", "could not be read \\(ParserError: "), ("list", "- 1\n", "is not a mapping"),
+                              ("noconfig", None, "missing; the trainer writes it with every checkpoint")):
+        damaged, tag = _copy(single, tmp_path / name)
+        if text is None:
+            os.remove(os.path.join(tag, "config.yml"))
+        else:
+            open(os.path.join(tag, "config.yml"), "w").write(text)
+        with pytest.raises(CheckpointError, match=f"config.yml:? {error}"):
+            read_checkpoint(damaged)
+
     zero1, _ = trained("dp2-zero1")
     missing, tag = _copy(zero1, tmp_path / "missing")
     os.remove(os.path.join(tag, "zero_pp_rank_1_mp_rank_00_optim_states.pt"))

@@ -36,6 +36,7 @@ OPTIMIZER_FILE = "optimizer.safetensors"
 CONFIG_FILE = "config.yml"
 SEP = "/"  # "<name>/<state key>": global names contain dots, never slashes
 AGAIN = "consolidate the checkpoint again"
+INCOMPLETE = "the universal checkpoint is incomplete, consolidate it again"
 
 
 def _jsonable(value: Any, where: str) -> Any:
@@ -117,15 +118,12 @@ def read_meta(directory: str) -> Dict[str, Any]:
 
 def read_config(directory: str) -> Dict[str, Any]:
     """The config values of a universal checkpoint (CheckpointError when missing or damaged)."""
-    path = os.path.join(directory, CONFIG_FILE)
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: missing; the universal checkpoint is incomplete, consolidate it again")
-    return read_config_file(path, fix=AGAIN)
+    return read_config_file(os.path.join(directory, CONFIG_FILE), fix=AGAIN, missing=INCOMPLETE)
 
 
 def _load_tensors(path: str) -> Dict[str, torch.Tensor]:
     if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: missing; the universal checkpoint is incomplete, consolidate it again")
+        raise CheckpointError(f"{path}: missing; {INCOMPLETE}")
     try:
         out = {}
         with safe_open(path, framework="pt") as f:

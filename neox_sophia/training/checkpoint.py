@@ -306,9 +306,12 @@ def saved_layout(directory: str, tag: str) -> Optional[Dict[str, Any]]:
     return read_file(path, json.load) if os.path.isfile(path) else None
 
 
-def read_config_file(path: str, fix: str = RESUME_FIX) -> Dict[str, Any]:
+def read_config_file(path: str, fix: str = RESUME_FIX, missing: Optional[str] = None) -> Dict[str, Any]:
     """The config values a checkpoint saved at ``path`` (its config.yml); CheckpointError naming
-    the file and ``fix`` when it cannot be read or is not a mapping of config keys."""
+    the file and ``fix`` when it cannot be read or is not a mapping of config keys, and naming
+    ``missing`` (why it must be there) when it is absent."""
+    if missing is not None and not os.path.isfile(path):
+        raise CheckpointError(f"{path}: missing; {missing}")
     values = read_file(path, yaml.safe_load, fix=fix)
     if not isinstance(values, dict):
         raise CheckpointError(f"load: {path} is not a mapping of config keys; {fix}")

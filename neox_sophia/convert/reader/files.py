@@ -89,11 +89,9 @@ def resolve(save_dir: str, step: Optional[int] = None) -> str:
 
 def read_config(path: str) -> Dict[str, Any]:
     """config.yml of the checkpoint directory ``path`` (global_stepN/) as a dict."""
-    file = os.path.join(path, "config.yml")
-    if not os.path.isfile(file):
-        raise CheckpointError(f"{file}: missing; the trainer writes it with every checkpoint and the reader "
-                              f"needs it to know the model and the layout")
-    return read_config_file(file, fix="restore config.yml, or read another step (--step N)")
+    return read_config_file(os.path.join(path, "config.yml"), fix="restore config.yml, or read another step (--step N)",
+                            missing="the trainer writes it with every checkpoint and the reader needs it to know the "
+                                    "model and the layout")
 
 
 def neox_config(values: Dict[str, Any], where: str):
