@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -210,6 +211,13 @@ def test_merge_joins_grid_points_of_one_grid_and_recomputes_the_best(tmp_path):
     assert [m["command"] for m in merged["merged_from"]] == [None, "the rho edge by hand"]
     with pytest.raises(ValueError, match="repeats the adamw point lr 0.004; merge each point once"):
         report.merge_files([base_path, base_path])
+    # a file that records Sophia's steps (train_iters: the same schedule) joins one made before the key existed
+    same_schedule = str(tmp_path / "same.json")
+    report.write_json(dict(extra, sophia_train_iters=20), same_schedule)
+    assert len(report.merge_files([base_path, same_schedule])["runs"]["sophia"]) == 3
+    report.write_json(dict(extra, sophia_train_iters=10), same_schedule)  # --sophia-steps 10: another schedule
+    with pytest.raises(ValueError, match=r"same.json differs from .* in Sophia's steps \(--sophia-steps\)"):
+        report.merge_files([base_path, same_schedule])
     _, other = _result(tmp_path, "paper", fingerprint)
     with pytest.raises(ValueError, match=r"paper.json differs from .*sophia_h.json in variant"):
         report.merge_files([base_path, other])
@@ -243,7 +251,7 @@ def test_seeds_pair_each_sophia_run_with_its_own_seeds_adamw(tmp_path):
     (row,) = report.over_seeds(files)
     assert (row["corpus"], row["variant"], row["adamw_lr"], row["sophia_lr"], row["rho"]) == ("gcide", "paper",
                                                                                             4e-3, 1e-3, 0.1)
-    assert [(p["seed"], p["tuned_here"], p["steps_to_adamw_final_loss_ratio"]) for p in row["seeds"]] == [
+    assert [(p["seed"], p["grid_here"], p["steps_to_adamw_final_loss_ratio"]) for p in row["seeds"]] == [
         (1, False, 0.75), (2, False, 0.5), (3, True, 1.0)]
     assert row["mean_steps_ratio"] == pytest.approx(0.75) and row["worst_steps_ratio"] == 1.0
     # the seed-mean curves: AdamW ends at 3.1667, Sophia's mean (.., 3.33, 2.8) first reaches it at step 40
@@ -254,15 +262,29 @@ def test_seeds_pair_each_sophia_run_with_its_own_seeds_adamw(tmp_path):
     never = _seed_result(tmp_path, 4, [6, 5, 4, 3], [6, 5, 4, 3.1])  # a seed where Sophia ends above AdamW
     (row,) = report.over_seeds([*files[:2], never])
     assert row["mean_steps_ratio"] is None and row["worst_steps_ratio"] is None
-    assert report.seed_table([row]).splitlines()[2] == (
+    table = report.seed_table([row])
+    assert table.splitlines()[2] == (
         "| gcide | paper | 0.004 | 0.001 | 0.1 | 3 | 1: 0.750, 2: 0.500, 4: never | n/a (a seed never) | never | "
-        "1.000 | 2/3 |")
+        "1.000 | 2/3 |") and "*" not in table  # no seed holds a grid: no mark, no footnote
     again = _seed_result(tmp_path, 2, [6, 5, 4, 3.4], [6, 3.5, 3, 3], [7, 7, 7, 7])  # seed 2 once more
     with pytest.raises(ValueError, match=r"paper-2-2.json and .*paper-2-1.json are both seed 2 of gcide paper"):
         report.over_seeds([*files, again])
+    unseeded = json.loads(Path(files[0]).read_text())
+    del unseeded["adamw_fingerprint"]
+    (tmp_path / "old.json").write_text(json.dumps(unseeded))
+    with pytest.raises(ValueError, match=r"old.json records no seed"):
+        report.over_seeds([files[1], str(tmp_path / "old.json")])
+    # the seed-mean curves need the same eval steps: otherwise no mean, and the table says why
+    assert report.mean_curve([_curve([2.0, 1.0]), _curve([2.0, 1.0], interval=5)]) is None
+    assert report.mean_curve([_curve([2.0, None]), _curve([4.0, 1.0])])["val_loss"] == [3.0, None]
+    row["seed_mean_curves"] = None
+    assert "| n/a (the seeds' eval steps differ) |" in report.seed_table([row])
     done = subprocess.run([sys.executable, TOOL, "--seeds", files[0], files[3]], capture_output=True, text=True,
                           cwd=ROOT)
     assert done.returncode == 2 and "no setting is in these files at two or more seeds" in done.stderr
+    both = subprocess.run([sys.executable, TOOL, "--seeds", *files, "--summarize", *files], capture_output=True,
+                          text=True, cwd=ROOT)
+    assert both.returncode == 2 and "--summarize and --seeds: one table per invocation" in both.stderr
 
 
 def test_plot_has_loss_and_per_group_panels(tmp_path, monkeypatch):
@@ -289,6 +311,13 @@ def test_plot_has_loss_and_per_group_panels(tmp_path, monkeypatch):
     assert [line.get_label() for line in ax.lines[:3]] == ["seed 1: ratio 0.750", "seed 2: ratio 0.500",
                                                            "mean over seeds"]
     assert list(ax.lines[2].get_ydata()) == [-0.5, -1.25, -1.0, -0.5]
+    figures.clear()  # Sophia on a shorter schedule (--sophia-steps): the gaps at the steps both evaluated
+    for row in rows:
+        for seed in row["seeds"]:
+            seed["curves"]["sophia"] = _curve(seed["curves"]["sophia"]["val_loss"][:2])
+    assert plots.plot_seeds(rows, str(tmp_path / "short.png"))
+    (ax,) = figures[0].axes
+    assert list(ax.lines[0].get_xdata()) == [10, 20] and list(ax.lines[2].get_ydata()) == [-0.5, -1.25]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -412,8 +441,8 @@ def test_a_variant_against_an_earlier_adamw_grid_and_the_summary(tiny):
 @pytest.mark.distributed
 def test_sophia_on_its_own_shorter_schedule(tiny):
     """--sophia-steps (the paper's protocol): Sophia trains 2 of the 4 steps on a schedule of its
-    own, its first 2 steps' data are AdamW's (the sample stream is a function of the step alone),
-    and it is measured against AdamW's full run."""
+    own and is measured against AdamW's full run (that the first steps read the same samples is
+    the sample stream's property, tested with the data pipeline)."""
     out = tiny.dir / "short.json"
     _bench(tiny.corpus, out, "--sophia-steps", "2", "--adamw-from", str(tiny.out), "--plot", "none")
     result = json.loads(out.read_text())

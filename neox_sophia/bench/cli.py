@@ -198,12 +198,15 @@ def estimate(bench: Bench, steps: int) -> dict:
         per_step[name] = (time.perf_counter() - t0) / steps
         del run
         gc.collect()
-    iters = bench.base.training.train_iters
+    full = bench.base.training.train_iters
+    iters = {"adamw": full, "sophia": a.sophia_steps or full}
     runs = {"adamw": len(floats(a.adamw_lr)), "sophia": len(floats(a.sophia_lr)) * len(floats(a.sophia_rho))}
-    evals = iters // bench.base.logging.eval_interval
-    eval_s = evals * per_step["adamw"] / 3 * bench.base.logging.eval_iters  # forward only, a batch per eval_iter
-    grid = sum(runs[n] * (iters * per_step[n] + eval_s + 5) for n in runs)
-    extra = a.extend_edges * sum(iters * per_step[n] + eval_s + 5 for n in runs)
+
+    def one_run(name: str) -> float:  # its steps, its evaluations (forward only, a batch per eval_iter), setup
+        evals = iters[name] // bench.base.logging.eval_interval
+        return iters[name] * per_step[name] + evals * per_step["adamw"] / 3 * bench.base.logging.eval_iters + 5
+    grid = sum(runs[n] * one_run(n) for n in runs)
+    extra = a.extend_edges * sum(one_run(n) for n in runs)
     return {"seconds_per_step": per_step, "runs": runs, "train_iters": iters,
             "projected_grid_seconds": grid, "projected_with_extensions_seconds": grid + extra}
 
@@ -363,6 +366,8 @@ def run_benchmark(args, variants) -> int:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
+        if args.summarize and args.seeds:
+            raise UsageError("--summarize and --seeds: one table per invocation; run them one after the other")
         if args.summarize or args.seeds:
             try:
                 print(report.summarize_files(args.summarize, args.markdown) if args.summarize

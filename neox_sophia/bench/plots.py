@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import sys
 
-from neox_sophia.bench.report import ROLES, variant_label
+from neox_sophia.bench.report import ROLES, column_means, variant_label
 
 PLOT_INSTALL = "pip install matplotlib   # or: pip install -e '.[bench]'"
 
@@ -102,7 +102,8 @@ def plot(result: dict, path: str) -> bool:
 
 def plot_seeds(rows: list, path: str) -> bool:
     """One panel per setting of --seeds: Sophia's validation loss minus AdamW's of the same seed,
-    over the steps, one line per seed and their mean (below 0: Sophia is ahead)."""
+    at the steps both evaluated (all of them, or Sophia's with --sophia-steps), one line per seed
+    and their mean (below 0: Sophia is ahead)."""
     plt = _pyplot(path)
     if plt is None:
         return False
@@ -110,25 +111,23 @@ def plot_seeds(rows: list, path: str) -> bool:
     for ax, row in zip(axes[:, 0], rows):
         gaps = []
         for seed in row["seeds"]:
-            a, s = seed["curves"]["adamw"], seed["curves"]["sophia"]
-            if a["step"] != s["step"]:
-                continue
-            gap = [None if x is None or y is None else y - x for x, y in zip(a["val_loss"], s["val_loss"])]
+            adamw = dict(zip(seed["curves"]["adamw"]["step"], seed["curves"]["adamw"]["val_loss"]))
+            sophia = dict(zip(seed["curves"]["sophia"]["step"], seed["curves"]["sophia"]["val_loss"]))
+            gap = {k: None if adamw[k] is None or v is None else v - adamw[k] for k, v in sophia.items() if k in adamw}
             gaps.append(gap)
             ratio = seed["steps_to_adamw_final_loss_ratio"]
-            ax.plot(a["step"], gap, lw=1, alpha=0.7,
-                    label=f"seed {seed['seed']}{' (chose the setting)' if seed['tuned_here'] else ''}: "
+            ax.plot(list(gap), list(gap.values()), lw=1, alpha=0.7,
+                    label=f"seed {seed['seed']}{' (its grid chose the setting)' if seed['grid_here'] else ''}: "
                           + (f"ratio {ratio:.3f}" if ratio is not None else "never reaches AdamW's final"))
-        if gaps:
-            steps = row["seeds"][0]["curves"]["adamw"]["step"]
-            mean = [None if None in col else sum(col) / len(col) for col in zip(*gaps)]
-            ax.plot(steps, mean, color="black", lw=2, label="mean over seeds")
+        shared = sorted(set.intersection(*(set(g) for g in gaps)))
+        ax.plot(shared, column_means(zip(*([g[k] for k in shared] for g in gaps))), color="black", lw=2,
+                label="mean over seeds")
         ax.axhline(0, color="gray", lw=0.8, ls="--")
         ax.set_ylim(-0.25, 0.25)
         ax.set_title(f"{row['corpus']}: Sophia ({row['variant']}) lr {row['sophia_lr']:g} rho {row['rho']:g} "
                      f"vs AdamW lr {row['adamw_lr']:g}", fontsize=9)
         ax.set_xlabel("step")
-        ax.set_ylabel("Sophia - AdamW val loss")
+        ax.set_ylabel("Sophia - AdamW val loss\n(axis cut at +-0.25)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     _save(plt, fig, path)

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import platform
+import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -127,10 +128,15 @@ def result_of(context: dict, adamw: List[dict], variant: dict, sophia: List[dict
     }
 
 
+def sophia_steps(result: dict) -> int:
+    """The steps of the result's Sophia runs (--sophia-steps; files made before it: train_iters)."""
+    return result.get("sophia_train_iters", result.get("train_iters"))
+
+
 def variant_label(result: dict) -> str:
     """The variant's name, with Sophia's schedule when it is its own (--sophia-steps)."""
     name = (result.get("variant") or {}).get("name", "paper")
-    steps = result.get("sophia_train_iters", result.get("train_iters"))
+    steps = sophia_steps(result)
     return name if steps == result.get("train_iters") else f"{name} ({steps} steps)"
 
 
@@ -154,8 +160,10 @@ def merge_files(paths: Sequence[str]) -> dict:
     base = results[0]
     points: Dict[str, List[dict]] = {"adamw": [], "sophia": []}
     for path, result in zip(paths, results):
-        for key in ("adamw_fingerprint", "variant", "sophia_train_iters"):
-            if result.get(key) != base.get(key):
+        for key, mine, theirs in (("adamw_fingerprint", result.get("adamw_fingerprint"), base.get("adamw_fingerprint")),
+                                  ("variant", result.get("variant"), base.get("variant")),
+                                  ("Sophia's steps (--sophia-steps)", sophia_steps(result), sophia_steps(base))):
+            if mine != theirs:
                 raise ValueError(f"--merge: {path} differs from {paths[0]} in {key}; only points of the same "
                                  f"corpus, config, variant and Sophia schedule make one grid")
         for name in ("adamw", "sophia"):
@@ -260,49 +268,56 @@ def summarize_files(paths: Sequence[str], markdown: Optional[str]) -> str:
 # ---------------------------------------------------------------------------------------------
 # --seeds: one setting at several seeds, each Sophia run against the AdamW run of its own seed
 
-def seed_of(result: dict):
-    """The seed a result file trained with (its config's, recorded in the AdamW fingerprint)."""
-    return (result.get("adamw_fingerprint") or {}).get("config", {}).get("seed")
+def seed_of(path: str, result: dict) -> int:
+    """The seed a result file trained with (its config's, recorded in the AdamW fingerprint);
+    ValueError naming the file when it records none."""
+    seed = (result.get("adamw_fingerprint") or {}).get("config", {}).get("seed")
+    if not isinstance(seed, int):
+        raise ValueError(f"--seeds: {path} records no seed (no adamw_fingerprint: a result of an older version "
+                         f"of the tool); run that point again, or leave the file out")
+    return seed
+
+
+def column_means(columns) -> list:
+    """The mean of each column of values; None where any value of the column is missing or not finite."""
+    return [None if any(v is None or not math.isfinite(v) for v in col) else sum(col) / len(col)
+            for col in columns]
 
 
 def mean_curve(curves: Sequence[dict]) -> Optional[dict]:
-    """The step-wise mean of curves evaluated at the same steps (None where any is not finite);
-    None when their steps differ."""
+    """The step-wise mean of curves evaluated at the same steps; None when their steps differ."""
     steps = curves[0]["step"]
     if any(c["step"] != steps for c in curves):
         return None
-
-    def mean(key: str) -> list:
-        columns = zip(*(c[key] for c in curves))
-        return [None if any(v is None or not math.isfinite(v) for v in col) else sum(col) / len(col)
-                for col in columns]
-    return {"step": list(steps), "seconds": mean("seconds"), "val_loss": mean("val_loss")}
+    return {"step": list(steps), **{k: column_means(zip(*(c[k] for c in curves))) for k in ("seconds", "val_loss")}}
 
 
 def over_seeds(paths: Sequence[str]) -> List[dict]:
-    """Result files grouped by corpus, variant and both best settings (AdamW lr, Sophia lr and
-    rho), each group over its seeds: per seed, the steps Sophia takes to reach the same seed's
-    AdamW final loss (the validation sequences depend on the seed, so only same-seed pairs
-    compare), and the same ratio on the seed-mean curves. Groups of one seed are left out.
-    ValueError when one group holds a seed twice (two sample orders of one seed: pass one)."""
-    groups: Dict[tuple, Dict[object, tuple]] = {}
+    """Result files grouped by corpus, variant, Sophia's and AdamW's steps and both best settings
+    (AdamW lr, Sophia lr and rho), each group over its seeds: per seed, the steps Sophia takes to
+    reach the same seed's AdamW final loss (the validation sequences depend on the seed, so only
+    same-seed pairs compare), and the same ratio on the seed-mean curves. Groups of one seed are
+    left out. ValueError when one group holds a seed twice (two sample orders of one seed: pass
+    one) or a file records no seed."""
+    groups: Dict[tuple, Dict[int, tuple]] = {}
     for path, r in zip(paths, read_results(paths, "--seeds")):
         a, s = r["best"]["adamw"]["best"], r["best"]["sophia"]["best"]
-        key = (r["corpus"].get("source") or r["corpus"]["name"], variant_label(r), a["lr"], s["lr"], s.get("rho"))
-        seed = seed_of(r)
+        key = (r["corpus"].get("source") or r["corpus"]["name"], variant_label(r), r["train_iters"], a["lr"], s["lr"],
+               s.get("rho"))
+        seed = seed_of(path, r)
         if seed in groups.get(key, {}):
             raise ValueError(f"--seeds: {path} and {groups[key][seed][0]} are both seed {seed} of {key[0]} "
-                             f"{key[1]} (AdamW lr {key[2]:g}, Sophia lr {key[3]:g} rho {key[4]:g}); pass one")
+                             f"{key[1]} (AdamW lr {key[3]:g}, Sophia lr {key[4]:g} rho {key[5]:g}); pass one")
         groups.setdefault(key, {})[seed] = (path, r, a, s)
     rows = []
-    for (corpus, variant, a_lr, s_lr, rho), by_seed in groups.items():
+    for (corpus, variant, _, a_lr, s_lr, rho), by_seed in groups.items():
         if len(by_seed) < 2:
             continue
         seeds = sorted(by_seed)
         per_seed = []
         for seed in seeds:
             path, r, a, s = by_seed[seed]
-            per_seed.append({"seed": seed, "file": path, "tuned_here": len(r["runs"]["sophia"]) > 1,
+            per_seed.append({"seed": seed, "file": path, "grid_here": len(r["runs"]["sophia"]) > 1,
                              "adamw_final": final_loss(a), "sophia_final": final_loss(s),
                              **{k: v for k, v in comparison(a, s).items() if k.endswith("ratio")},
                              "curves": {"adamw": a["curve"], "sophia": s["curve"]}})
@@ -324,16 +339,19 @@ def seed_table(rows: Sequence[dict]) -> str:
               "(ratio) | mean | worst | on the seed-mean curves | Sophia ends lower |")
     lines = [header, "|" + "---|" * 11]
     for row in rows:
-        per_seed = ", ".join(f"{p['seed']}{'*' if p['tuned_here'] else ''}: "
+        per_seed = ", ".join(f"{p['seed']}{'*' if p['grid_here'] else ''}: "
                              f"{_num(p['steps_to_adamw_final_loss_ratio'], '.3f', 'never')}" for p in row["seeds"])
         curves = row["seed_mean_curves"]
+        on_means = ("n/a (the seeds' eval steps differ)" if curves is None
+                    else _num(curves["steps_to_adamw_final_loss_ratio"], ".3f", "never"))
         lines.append(f"| {row['corpus']} | {row['variant']} | {row['adamw_lr']:g} | {row['sophia_lr']:g} | "
                      f"{row['rho']:g} | {len(row['seeds'])} | {per_seed} | "
                      f"{_num(row['mean_steps_ratio'], '.3f', 'n/a (a seed never)')} | "
-                     f"{_num(row['worst_steps_ratio'], '.3f', 'never')} | "
-                     f"{_num(curves and curves['steps_to_adamw_final_loss_ratio'], '.3f', 'never')} | "
+                     f"{_num(row['worst_steps_ratio'], '.3f', 'never')} | {on_means} | "
                      f"{row['sophia_lower_at_end']}/{len(row['seeds'])} |")
-    return "\n".join(lines) + "\n\n\\* the seed whose grid chose the setting (the others are held out)\n"
+    marked = any(p["grid_here"] for row in rows for p in row["seeds"])
+    return "\n".join(lines) + "\n" + ("\n\\* this seed's file holds the Sophia grid the setting is the best of (the "
+                                     "other seeds are held out)\n" if marked else "")
 
 
 def seeds_files(paths: Sequence[str], markdown: Optional[str], png: Optional[str] = None) -> str:
@@ -345,5 +363,6 @@ def seeds_files(paths: Sequence[str], markdown: Optional[str], png: Optional[str
     if png and png != "none":
         from neox_sophia.bench.plots import plot_seeds
 
-        plot_seeds(rows, png)
+        if plot_seeds(rows, png):
+            print(f"bench_convergence: wrote {png}", file=sys.stderr)
     return write_markdown(seed_table(rows), markdown)
