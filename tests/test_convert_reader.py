@@ -283,7 +283,8 @@ def test_broken_checkpoints_raise_checkpoint_errors_naming_the_file(trained, tmp
     with pytest.raises(CheckpointError, match=f"{states}: could not be read"):
         read_checkpoint(garbage)
 
-    for name, text, error in (("yaml", "{a: [1,", "could not be read \\(ParserError: "), ("list", "- 1\n", "is not a mapping"),
+    for name, text, error in (("yaml", "{a: [1,", "could not be read \\(ParserError: "),
+                              ("list", "- 1\n", "is not a mapping"),
                               ("noconfig", None, "missing; the trainer writes it with every checkpoint")):
         damaged, tag = _copy(single, tmp_path / name)
         if text is None:
