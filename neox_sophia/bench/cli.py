@@ -96,6 +96,11 @@ class Bench:
         if getattr(params, "hessian_batch_size", None):
             self.sophia_params["hessian_batch_size"] = params.hessian_batch_size
 
+    @property
+    def sophia_iters(self) -> int:
+        """The steps of Sophia's runs: --sophia-steps, else the config's train_iters."""
+        return self.args.sophia_steps or self.base.training.train_iters
+
     def corpus_dir(self) -> str:
         a = self.args
         return a.corpus_dir or str(ROOT / "data" / "bench" / f"{a.corpus}-{a.vocab_size or DEFAULT_VOCAB}")
@@ -158,7 +163,7 @@ class Bench:
             "configs": a.configs, "overrides": self.common,
             "model": model, "layout": description["layout"],
             "tokens_per_step": description["tokens_per_step"], "train_iters": base.training.train_iters,
-            "sophia_train_iters": a.sophia_steps or base.training.train_iters,
+            "sophia_train_iters": self.sophia_iters,
             "tokens_per_run": description["tokens_per_step"] * base.training.train_iters,
             "schedule": {"warmup_iters": int(round((base.training.warmup or 0) * base.training.decay_iters)),
                          "style": base.training.lr_decay_style, "decay_iters": base.training.decay_iters,
@@ -198,8 +203,7 @@ def estimate(bench: Bench, steps: int) -> dict:
         per_step[name] = (time.perf_counter() - t0) / steps
         del run
         gc.collect()
-    full = bench.base.training.train_iters
-    iters = {"adamw": full, "sophia": a.sophia_steps or full}
+    iters = {"adamw": bench.base.training.train_iters, "sophia": bench.sophia_iters}
     runs = {"adamw": len(floats(a.adamw_lr)), "sophia": len(floats(a.sophia_lr)) * len(floats(a.sophia_rho))}
 
     def one_run(name: str) -> float:  # its steps, its evaluations (forward only, a batch per eval_iter), setup

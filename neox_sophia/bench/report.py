@@ -160,10 +160,9 @@ def merge_files(paths: Sequence[str]) -> dict:
     base = results[0]
     points: Dict[str, List[dict]] = {"adamw": [], "sophia": []}
     for path, result in zip(paths, results):
-        for key, mine, theirs in (("adamw_fingerprint", result.get("adamw_fingerprint"), base.get("adamw_fingerprint")),
-                                  ("variant", result.get("variant"), base.get("variant")),
-                                  ("Sophia's steps (--sophia-steps)", sophia_steps(result), sophia_steps(base))):
-            if mine != theirs:
+        for key, of in (("adamw_fingerprint", lambda r: r.get("adamw_fingerprint")),
+                        ("variant", lambda r: r.get("variant")), ("Sophia's steps (--sophia-steps)", sophia_steps)):
+            if of(result) != of(base):
                 raise ValueError(f"--merge: {path} differs from {paths[0]} in {key}; only points of the same "
                                  f"corpus, config, variant and Sophia schedule make one grid")
         for name in ("adamw", "sophia"):
@@ -322,8 +321,7 @@ def over_seeds(paths: Sequence[str]) -> List[dict]:
                              **{k: v for k, v in comparison(a, s).items() if k.endswith("ratio")},
                              "curves": {"adamw": a["curve"], "sophia": s["curve"]}})
         ratios = [p["steps_to_adamw_final_loss_ratio"] for p in per_seed]
-        mean_a = mean_curve([by_seed[k][2]["curve"] for k in seeds])
-        mean_s = mean_curve([by_seed[k][3]["curve"] for k in seeds])
+        mean_a, mean_s = (mean_curve([p["curves"][name] for p in per_seed]) for name in ("adamw", "sophia"))
         rows.append({"corpus": corpus, "variant": variant, "adamw_lr": a_lr, "sophia_lr": s_lr, "rho": rho,
                      "seeds": per_seed,
                      "mean_steps_ratio": None if None in ratios else sum(ratios) / len(ratios),
