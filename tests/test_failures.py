@@ -387,7 +387,7 @@ def test_damaged_small_files_are_named(corpus, tmp_path):
     messages = run_ranks(damaged_files_worker, 1, args=(sets, save, damaged))[0]
     for name in damaged:
         path = os.path.join(f"{save}-{name}", "global_step2", name)
-        assert messages.get(name, "").startswith(f"load: {path} could not be read"), (name, messages)
+        assert messages.get(name, "").startswith(f"{path} could not be read"), (name, messages)
         assert "is damaged: move it out of the way" in messages[name] and "\n" not in messages[name]
 
 

@@ -296,7 +296,7 @@ def read_file(path: str, reader: Callable[[Any], Any], binary: bool = False, fix
     except Exception as e:  # torch, yaml and json each raise their own kinds on damaged files
         detail = " ".join(str(e).split())  # one line: torch's unpickling errors span several
         detail = detail if len(detail) <= 160 else detail[:157] + "..."
-        raise CheckpointError(f"load: {path} could not be read ({type(e).__name__}: {detail}); the checkpoint "
+        raise CheckpointError(f"{path} could not be read ({type(e).__name__}: {detail}); the checkpoint "
                               f"{os.path.dirname(path)} is damaged: {fix}") from e
 
 
@@ -314,7 +314,7 @@ def read_config_file(path: str, fix: str = RESUME_FIX, missing: Optional[str] = 
         raise CheckpointError(f"{path}: missing; {missing}")
     values = read_file(path, yaml.safe_load, fix=fix)
     if not isinstance(values, dict):
-        raise CheckpointError(f"load: {path} is not a mapping of config keys; {fix}")
+        raise CheckpointError(f"{path} is not a mapping of config keys; {fix}")
     return values
 
 
